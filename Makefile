@@ -1,0 +1,32 @@
+# Every target works on a fresh clone: it builds .venv first when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU torch from the local wheel on machines like ours; a GPU user sets TORCH_SPEC (see README).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test lint demo demo-models bench clean
+
+$(BIN)/lcmtool: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(BIN)/lcmtool
+
+install: $(BIN)/lcmtool
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check lcmtool tests
+
+demo: install
+	$(BIN)/lcmtool sample --steps 4 --prompt "a large red circle on the left" --num-images 4 --out outputs/demo
+
+demo-models: install
+	$(BIN)/python -m lcmtool.demo.train --out lcmtool/demo/assets
+
+clean:
+	rm -rf outputs runs .pytest_cache

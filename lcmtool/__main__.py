@@ -1,0 +1,3 @@
+from lcmtool.cli import main
+
+main()

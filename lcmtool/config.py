@@ -1,0 +1,159 @@
+"""Typed command configs: dataclass defaults < YAML file (--config) < flags < --set dotted.key=value.
+
+Unknown keys and values of the wrong type are LcmError naming the key. The resolved config is written
+next to every output (`write_resolved`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from lcmtool.errors import LcmError
+from lcmtool.fileio import atomic_write_text
+
+T = TypeVar("T")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LcmError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise LcmError(f"bad YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LcmError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """`--set a.b=3 --set c=x` -> {"a": {"b": 3}, "c": "x"}; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LcmError(f"--set takes key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except LcmError as e:
+                errors.append(e)
+        raise errors[0] if errors else LcmError(f"config key '{key}': bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise LcmError(f"config key '{key}': {value!r} is not one of {choices}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "1,2,3" from a flag or --set
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise LcmError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise LcmError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise LcmError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LcmError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LcmError(f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise LcmError(f"config key '{key}': expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise LcmError(f"config key '{key}': expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise LcmError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise LcmError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def resolve(cls: type[T], config_file: str | None = None, flags: dict | None = None,
+            sets: list[str] | None = None) -> T:
+    """defaults < YAML file < flags (those not None) < --set."""
+    data: dict = {}
+    if config_file:
+        data = deep_merge(data, load_yaml(config_file))
+    data = deep_merge(data, {k: v for k, v in (flags or {}).items() if v is not None})
+    data = deep_merge(data, parse_set(sets))
+    return from_dict(cls, data)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def write_resolved(cfg, path: str | Path) -> None:
+    """Write the resolved config as YAML next to an output, so every result says how it was made."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,337 @@
+"""The demo world's training recipe: VAE -> SD-family and SDXL-family teachers -> style LoRAs.
+
+`python -m lcmtool.demo.train --stage all --out lcmtool/demo/assets` (what `make demo-models` runs).
+Every stage is seeded; steps and batch sizes live in RECIPE below. Loss curves are saved as PNG beside
+the weights. On a GPU the whole recipe takes minutes; on our 2-core CPU it is far too slow (see README).
+The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-*.yaml` on the
+teachers written here (the `lcm` stage runs it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lcmtool.demo import arch, world
+from lcmtool.plot import line_chart, smooth
+
+RECIPE = {
+    # VAE: pixel L1 + MSE for colour fidelity, tiny KL as in SD's VAE (kl weight 1e-6)
+    "vae": dict(steps=3000, batch=128, lr=1e-3, kl=1e-6, pool=40_000, seed=1),
+    # teachers: UNet + text encoder(s) from scratch on cached latents; 10% caption dropout for CFG
+    "teacher": dict(steps=7000, batch=512, lr=4e-4, te_lr=2e-4, warmup=300, ema=0.999, drop=0.1,
+                    n_scenes=120_000, seed=2),
+    # style LoRAs: plain diffusion loss on styled renders, LoRA on the frozen teacher UNet
+    "style": dict(steps=800, batch=256, lr=1e-3, rank=4, n_scenes=30_000, seed=3),
+}
+STYLE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                 "conv1", "conv2"]
+
+
+def log(msg: str) -> None:
+    print(f"[demo-train {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(total - warmup, 1)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def render_dataset(n: int, seed: int, split: str = "train", style: str = "solid", two_prob: float = 0.3):
+    """n seeded random scenes and their captions (rendered later, in chunks, on the training device)."""
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng, split=split, style=style, two_prob=two_prob) for _ in range(n)]
+    return scenes, [world.caption(s) for s in scenes]
+
+
+# ---------------------------------------------------------------- VAE
+def train_vae(work: Path, device: str, max_seconds: float = 1e9):
+    from diffusers import AutoencoderKL
+
+    cfg = RECIPE["vae"]
+    torch.manual_seed(cfg["seed"])
+    rng = random.Random(cfg["seed"])
+    vae = AutoencoderKL(**arch.VAE_CONFIG).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    losses, t0 = [], time.time()
+    # a pool of pre-rendered images over both splits and all styles (the VAE must draw every style)
+    pool_scenes = [world.sample_scene(rng, split=rng.choice(["train", "heldout"]), style=rng.choice(world.STYLE_NAMES))
+                   for _ in range(cfg["pool"])]
+    pool = torch.cat([world.render(pool_scenes[i:i + 2048], device) for i in range(0, len(pool_scenes), 2048)])
+    g = torch.Generator(device=device).manual_seed(cfg["seed"])
+    for step in range(cfg["steps"]):
+        x = pool[torch.randint(0, len(pool), (cfg["batch"],), device=device, generator=g)]
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, cfg["lr"], 200, cfg["steps"])
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        kl = post.kl().mean()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg["kl"] * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 200 == 0:
+            log(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if time.time() - t0 > max_seconds:
+            log(f"vae: time budget reached at step {step}")
+            break
+    # scaling factor so that latents have unit variance, as SD's 0.18215 does for its VAE
+    vae.eval()
+    with torch.no_grad():
+        scenes = [world.sample_scene(rng) for _ in range(min(512, 64 * cfg["batch"]))]
+        x = world.render(scenes, device)
+        z = vae.encode(x).latent_dist.mode()
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x).item()
+        sf = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=sf)
+    vae.save_pretrained(work / "vae")
+    line_chart({"vae loss": smooth(losses)}, work / "vae" / "loss.png", title="VAE training loss")
+    info = dict(steps=len(losses), seconds=round(time.time() - t0, 1), recon_mse=mse, scaling_factor=sf)
+    (work / "vae" / "train.json").write_text(json.dumps(info, indent=2))
+    log(f"vae done: {info}")
+    return info
+
+
+# ---------------------------------------------------------------- teachers
+def encode_text(family: str, pipe, ids: torch.Tensor):
+    """Prompt embeddings exactly as the diffusers pipelines compute them (with gradients).
+
+    SD: last hidden state of the text encoder. SDXL: penultimate hidden states of both encoders
+    concatenated, pooled text_embeds of the second.
+    """
+    if family == "sd":
+        return pipe.text_encoder(ids)[0], None
+    o1 = pipe.text_encoder(ids, output_hidden_states=True)
+    o2 = pipe.text_encoder_2(ids, output_hidden_states=True)
+    return torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1), o2[0]
+
+
+def xl_time_ids(n: int, device) -> torch.Tensor:
+    """(original size, crop top-left, target size): the demo renders at 64 px with no crop."""
+    s = world.SIZE
+    return torch.tensor([[s, s, 0, 0, s, s]], device=device, dtype=torch.float32).repeat(n, 1)
+
+
+def cache_latents(vae, captions_scenes, tok, device, chunk: int = 1024):
+    scenes, caps = captions_scenes
+    lat = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), chunk):
+            x = world.render(scenes[i:i + chunk], device)
+            lat.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(device)
+    return torch.cat(lat), ids
+
+
+def train_teacher(family: str, out: Path, work: Path, device: str, max_seconds: float = 1e9):
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    cfg = RECIPE["teacher"]
+    torch.manual_seed(cfg["seed"])
+    pipe = arch.build_pipeline(family, seed=cfg["seed"])
+    pipe.vae = AutoencoderKL.from_pretrained(work / "vae")
+    pipe.to(device)
+    tok = pipe.tokenizer
+    log(f"{family}: rendering + encoding {cfg['n_scenes']} scenes")
+    latents, ids = cache_latents(pipe.vae, render_dataset(cfg["n_scenes"], cfg["seed"]), tok, device)
+    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
+    noise_sched = DDPMScheduler.from_config(arch.SD15_SCHEDULER)
+    acp = noise_sched.alphas_cumprod.to(device)
+    unet = pipe.unet
+    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "xl" else [])
+    params_u = list(unet.parameters())
+    params_t = [p for te in tes for p in te.parameters()]
+    opt = torch.optim.AdamW([{"params": params_u, "lr": cfg["lr"]}, {"params": params_t, "lr": cfg["te_lr"]}],
+                            weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params_u + params_t]
+    unet.train()
+    for te in tes:
+        te.train()
+    g = torch.Generator(device=device).manual_seed(cfg["seed"])
+    losses, t0 = [], time.time()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    n = latents.shape[0]
+    total = cfg["steps"]
+    step = 0
+    while step < total:
+        if step == 40 and device.startswith("cuda"):
+            # fit the schedule to the time budget: the cosine decay must reach its end, not be cut off
+            per_step = (time.time() - t40) / 39
+            total = min(total, int(0.97 * (max_seconds - (time.time() - t0)) / per_step) + step)
+            log(f"{family}: {per_step * 1000:.1f} ms/step -> {total} steps")
+        if step == 1:
+            t40 = time.time()
+        idx = torch.randint(0, n, (cfg["batch"],), device=device, generator=g)
+        z0, tid = latents[idx], ids[idx]
+        drop = torch.rand(cfg["batch"], device=device, generator=g) < cfg["drop"]
+        if family == "sd":  # SD uses the empty prompt as the unconditional input
+            tid = torch.where(drop[:, None], empty_ids.expand_as(tid), tid)
+        noise = torch.randn(z0.shape, device=device, generator=g)
+        t = torch.randint(0, 1000, (cfg["batch"],), device=device, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        for i, grp in enumerate(opt.param_groups):
+            grp["lr"] = lr_at(step, cfg["lr"] if i == 0 else cfg["te_lr"], cfg["warmup"], total)
+        with amp:
+            emb, pooled = encode_text(family, pipe, tid)
+            kw = {}
+            if family == "xl":  # SDXL uses zeros as the unconditional input (force_zeros_for_empty_prompt)
+                keep = (~drop).float()
+                emb = emb * keep[:, None, None]
+                pooled = pooled * keep[:, None]
+                kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": xl_time_ids(len(t), device)}
+            pred = unet(zt, t, emb, **kw).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params_u + params_t, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg["ema"], (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params_u + params_t], 1 - d)
+        if step % 100 == 0:
+            losses.append(loss.item())
+        if step % 500 == 0:
+            log(f"{family} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        step += 1
+        if time.time() - t0 > max_seconds:
+            log(f"{family}: time budget reached at step {step}")
+            break
+    with torch.no_grad():
+        for p, e in zip(params_u + params_t, ema):
+            p.copy_(e)
+    name = f"demo-{family}"
+    # UNet and VAE ship in fp16 (size budget; diffusers loads them as fp32 unless told otherwise); the text
+    # encoders stay fp32 because transformers keeps the saved dtype and the pipeline's dtypes must agree.
+    pipe.to("cpu", torch.float16)
+    for te in tes:
+        te.to(torch.float32)
+    pipe.save_pretrained(out / name)
+    line_chart({"loss (every 100 steps)": smooth(losses, 5)}, out / name / "loss.png", title=f"{name} teacher loss")
+    info = dict(steps=step, seconds=round(time.time() - t0, 1), device=device,
+                final_loss=sum(losses[-10:]) / max(len(losses[-10:]), 1), recipe=cfg)
+    (out / name / "train.json").write_text(json.dumps(info, indent=2))
+    log(f"{family} teacher done: {info}")
+    return info
+
+
+# ---------------------------------------------------------------- style LoRAs
+def train_style(family: str, style: str, out: Path, device: str, max_seconds: float = 1e9):
+    """A style vector tau_style: LoRA fine-tune of the teacher on one style with its trigger phrase."""
+    from diffusers import DDPMScheduler, DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    cfg = RECIPE["style"]
+    torch.manual_seed(cfg["seed"])
+    pipe = DiffusionPipeline.from_pretrained(out / f"demo-{family}", torch_dtype=torch.float32).to(device)
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    if family == "xl":
+        pipe.text_encoder_2.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=cfg["rank"], lora_alpha=cfg["rank"], target_modules=STYLE_TARGETS,
+                                     init_lora_weights="gaussian"))
+    tok = pipe.tokenizer
+    latents, ids = cache_latents(pipe.vae, render_dataset(cfg["n_scenes"], cfg["seed"], style=style), tok, device)
+    acp = DDPMScheduler.from_config(arch.SD15_SCHEDULER).alphas_cumprod.to(device)
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    g = torch.Generator(device=device).manual_seed(cfg["seed"])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    losses, t0 = [], time.time()
+    for step in range(cfg["steps"]):
+        idx = torch.randint(0, latents.shape[0], (cfg["batch"],), device=device, generator=g)
+        z0, tid = latents[idx], ids[idx]
+        noise = torch.randn(z0.shape, device=device, generator=g)
+        t = torch.randint(0, 1000, (cfg["batch"],), device=device, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, cfg["lr"], 100, cfg["steps"])
+        with torch.no_grad(), amp:
+            emb, pooled = encode_text(family, pipe, tid)
+        with amp:
+            kw = {}
+            if family == "xl":
+                kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": xl_time_ids(len(t), device)}
+            pred = pipe.unet(zt, t, emb, **kw).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            losses.append(loss.item())
+        if time.time() - t0 > max_seconds:
+            break
+    path = out / f"style-{style}-demo-{family}.safetensors"
+    sd = get_peft_model_state_dict(pipe.unet)
+    sd = {f"unet.{k}": v.to(torch.float16).contiguous() for k, v in sd.items()}
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata={"format": "pt", "lcmtool.kind": "style-lora", "lcmtool.style": style,
+                                        "lcmtool.trigger": world.STYLES[style], "lcmtool.base": f"demo:{family}",
+                                        "lcmtool.rank": str(cfg["rank"]), "lcmtool.steps": str(step + 1)})
+    line_chart({f"{style} LoRA loss": losses}, out / f"style-{style}-demo-{family}.loss.png", title=f"style LoRA {style}")
+    info = dict(steps=step + 1, seconds=round(time.time() - t0, 1), final_loss=losses[-1])
+    log(f"style {style} {family} done: {info}")
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--stage", default="all",
+                    choices=["all", "vae", "teacher-sd", "teacher-xl", "style-sd", "style-xl", "lcm-sd", "lcm-xl"])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "assets"))
+    ap.add_argument("--work", default="runs/demo-train", help="intermediates: the fp32 VAE, distill runs")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--distill-steps", type=int, default=None, help="lcm stages: override the config's max_steps")
+    ap.add_argument("--quick", action="store_true", help="smoke test: a few steps of every stage")
+    ap.add_argument("--max-seconds", type=float, default=1e9, help="stop a stage early (recorded in train.json)")
+    a = ap.parse_args(argv)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if dev.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.quick:
+        for r in RECIPE.values():
+            r.update(steps=3, batch=8, **{k: 64 for k in ("n_scenes", "pool") if k in r})
+    stages = [a.stage] if a.stage != "all" else ["vae", "teacher-sd", "teacher-xl", "style-sd", "style-xl", "lcm-sd", "lcm-xl"]
+    for st in stages:
+        if st == "vae":
+            train_vae(work, dev, a.max_seconds)
+        elif st.startswith("teacher-"):
+            train_teacher(st.split("-")[1], out, work, dev, a.max_seconds)
+        elif st.startswith("style-"):
+            for style in ("outline", "striped"):
+                train_style(st.split("-")[1], style, out, dev, a.max_seconds)
+        elif st.startswith("lcm-"):
+            fam = st.split("-")[1]
+            run = work / f"lcm-run-{fam}"
+            subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", f"configs/distill/demo-{fam}.yaml",
+                            "--model", str(out / f"demo-{fam}"), "--out", str(run), "--set", f"device={dev}"]
+                           + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
+            shutil.copy(run / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
+
+
+if __name__ == "__main__":
+    main()

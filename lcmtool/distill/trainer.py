@@ -1,0 +1,629 @@
+"""LoRA latent consistency distillation: one flat accelerate loop (LCM-LoRA arXiv 2311.05556, Algorithm 1).
+
+Reads top to bottom: config -> data listing -> teacher -> cache -> LoRA student -> loop -> tau_LCM file.
+One UNet in memory: the teacher is the UNet with its LoRA switched off, the student the UNet with it on, and
+the target (default) the student itself under stop-gradient, or an EMA copy of the LoRA weights.
+Runs on one device, or data-parallel with `accelerate launch -m lcmtool distill ...` / torchrun.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lcmtool.errors import LcmError
+
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+DEMO_PROMPTS = ["a large red circle on the left", "a small blue square at the top",
+                "a large white triangle in the centre",
+                "a small green cross on the right and a large red square on the left"]
+
+
+@dataclass
+class DistillConfig:
+    """Defaults follow the LCM-LoRA release (diffusers train_lcm_distill_lora_*.py); see configs/distill/*.yaml."""
+    name: str = "distill"               # run name: output goes to runs/<name> unless --out
+    model: str = ""                     # teacher: demo:sd, demo:xl, a diffusers folder or a hub id
+    family: Literal["auto", "sd15", "sdxl", "ssd1b"] = "auto"  # expected family; a mismatch is an error
+    out: str = ""                       # output folder (default runs/<name>)
+    # data
+    data: str = "demo:shapes"           # demo:shapes | an image folder | WebDataset tar glob
+    num_samples: int = 32768            # demo:shapes only: how many scenes to render and cache
+    resolution: int = 0                 # 0: the UNet's native size (sample_size * VAE factor)
+    center_crop: bool = True            # else a random crop (seeded); SDXL crop coordinates go into time ids
+    cache_dir: str = ""                 # latent/text cache root ("" -> $LCMTOOL_CACHE or ~/.cache/lcmtool)
+    uncond: Literal["auto", "empty", "zeros"] = "auto"  # auto: empty prompt for SD-1.5, zeros for SDXL
+    # LoRA (LCM-LoRA: rank 64, alpha 64 on 14 module kinds)
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    target_modules: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGETS))
+    conv_rank: int = 0                  # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
+    conv_alpha: float = 0.0             # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
+    # LCD (Algorithm 1)
+    num_ddim_timesteps: int = 50        # N solver steps over 1000 training steps: skipping interval k = 20
+    w_min: float = 5.0                  # guidance scale w ~ U[w_min, w_max]
+    w_max: float = 15.0
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0      # must equal LCMScheduler's timestep_scaling
+    ema_decay: float = 0.0              # 0: target = stop-grad student (released LCM-LoRAs); else EMA LoRA target
+    # optimisation
+    max_steps: int = 1000               # optimizer steps
+    batch_size: int = 16                # per device, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 500             # constant schedule after a linear warm-up
+    gradient_checkpointing: bool = False
+    # machine
+    device: str = "auto"                # auto | cpu | cuda | cuda:N (under accelerate launch: its devices)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    seed: int = 0
+    # outputs
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = ""                    # "" | latest | a checkpoint folder
+    validate_every: int = 500           # 0: only at the end; validation grids use LCM 1/2/4/8 steps
+    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    validation_prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
+    validation_seed: int = 1234
+    log_every: int = 10
+    format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = "kohya"
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+class NonFiniteLoss(LcmError):
+    pass
+
+
+def _cache_root(cfg: DistillConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("LCMTOOL_CACHE", Path.home() / ".cache" / "lcmtool")) / "distill"
+
+
+def load_teacher(spec: str):
+    """(pipeline, family, model identity for the cache key)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from lcmtool.models import family_of_pipeline, resolve_model
+
+    ref = resolve_model(spec)
+    if ref.kind == "single-file":
+        raise LcmError(f"{spec}: distill needs a diffusers folder or hub id (convert the single file first)")
+    pipe = DiffusionPipeline.from_pretrained(ref.location, torch_dtype=torch.float32)
+    if not hasattr(pipe, "unet"):
+        raise LcmError(f"{spec} is not a UNet text-to-image pipeline ({type(pipe).__name__})")
+    family = family_of_pipeline(pipe)
+    ident = ref.location
+    if os.path.isdir(ref.location):
+        stats = []
+        for sub in ("vae", "text_encoder", "text_encoder_2"):
+            folder = Path(ref.location, sub)
+            files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+            for f in files:
+                st = f.stat()
+                stats.append((f.name, sub, st.st_size, int(st.st_mtime)))
+        ident = json.dumps([str(Path(ref.location).resolve()), stats])
+    return pipe, family, ident
+
+
+@contextlib.contextmanager
+def adapters_off(unet):
+    """The teacher: the same UNet with its LoRA switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@contextlib.contextmanager
+def swapped(params, other):
+    """Temporarily load `other` tensors into `params` (the EMA target network)."""
+    import torch
+
+    if not other:
+        yield
+        return
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, o in zip(params, other, strict=False):
+            p.copy_(o)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup, strict=False):
+                p.copy_(b)
+
+
+def lcd_pred_target(unet, raw_unet, z_t, t_start, t_prev, index, w, cond, uncond, added, added_uncond, grid,
+                    alphas_cumprod, prediction_type: str, timestep_scaling: float, autocast, lora_params=(), ema=()):
+    """Algorithm 1 lines 5-7 on one UNet: returns (f_theta(z_{t_{n+k}}), stop-grad f_theta-(z_hat_{t_n})).
+
+    `unet` is the (possibly DDP-wrapped) student, `raw_unet` the same module unwrapped; the teacher is `raw_unet`
+    with its LoRA off, run once on cond and uncond concatenated; the target is the student (or its EMA LoRA).
+    """
+    import torch
+
+    from lcmtool.distill import lcd
+
+    def kwargs(a):
+        return {"added_cond_kwargs": a} if a is not None else {}
+
+    # student: f_theta(z_{t_{n+k}}, c, t_{n+k}) = c_skip z + c_out x0 (the LCM boundary condition)
+    with autocast():
+        out_s = unet(z_t, t_start, encoder_hidden_states=cond, **kwargs(added)).sample
+    x0_s = lcd.predicted_x0(out_s.float(), t_start, z_t, prediction_type, alphas_cumprod)
+    pred = lcd.consistency_output(z_t, x0_s, t_start, timestep_scaling)
+    with torch.no_grad():
+        # teacher (LoRA off): cond and uncond in one batch, guided x0 and eps, one DDIM step to t_n
+        both = None if added is None else {k: torch.cat([added[k], added_uncond[k]]) for k in added}
+        with adapters_off(raw_unet), autocast():
+            out_t = raw_unet(torch.cat([z_t, z_t]), torch.cat([t_start, t_start]),
+                             encoder_hidden_states=torch.cat([cond, uncond]), **kwargs(both)).sample.float()
+        o_c, o_u = out_t.chunk(2)
+        x0 = lcd.guided(lcd.predicted_x0(o_c, t_start, z_t, prediction_type, alphas_cumprod),
+                        lcd.predicted_x0(o_u, t_start, z_t, prediction_type, alphas_cumprod), w)
+        eps = lcd.guided(lcd.predicted_eps(o_c, t_start, z_t, prediction_type, alphas_cumprod),
+                         lcd.predicted_eps(o_u, t_start, z_t, prediction_type, alphas_cumprod), w)
+        z_prev = grid.ddim_step(x0, eps, index).float()
+        # target: f_theta-(z_hat_{t_n}, c, t_n), theta- = stop-grad student (default) or the EMA LoRA
+        with swapped(lora_params, ema), autocast():
+            out_tg = raw_unet(z_prev, t_prev, encoder_hidden_states=cond, **kwargs(added)).sample.float()
+        x0_tg = lcd.predicted_x0(out_tg, t_prev, z_prev, prediction_type, alphas_cumprod)
+        target = lcd.consistency_output(z_prev, x0_tg, t_prev, timestep_scaling)
+    return pred, target
+
+
+def lora_modules(unet) -> dict:
+    """The UNet's peft LoRA -> {diffusers module path: (A, B, alpha)} (fp32, CPU); alpha = scaling * r per module."""
+    import torch
+
+    out = {}
+    for name, mod in unet.named_modules():
+        lora_a = getattr(mod, "lora_A", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and "default" in lora_a:
+            A = lora_a["default"].weight.detach().to("cpu", torch.float32)
+            B = mod.lora_B["default"].weight.detach().to("cpu", torch.float32)
+            out[name] = (A, B, float(mod.scaling["default"] * mod.r["default"]))
+    return out
+
+
+def save_tau_lcm(unet, path: Path, fmt: str, family: str, dtype, metadata: dict) -> str:
+    """Write tau_LCM (the LoRA) atomically via lcmtool.lora.io (kohya default); diffusers by hand if it is absent."""
+    from safetensors.torch import save_file
+
+    from lcmtool.fileio import atomic_path
+
+    modules = lora_modules(unet)
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+    try:
+        from lcmtool.lora import io as lora_io
+    except ImportError:
+        lora_io = None
+    if lora_io is not None:
+        lora_io.save_lora({n: lora_io.LoraModule(A, B, alpha) for n, (A, B, alpha) in modules.items()}, path,
+                          format=fmt, family=family, metadata=meta, dtype=dtype)
+        return fmt
+    if fmt != "diffusers":
+        raise LcmError(f"format {fmt} needs lcmtool.lora, which is not installed here; use --format diffusers")
+    # diffusers format: "unet.<module>.lora_A/B.weight"; it carries no alpha, so alpha / r is folded into B
+    out = {}
+    for name, (A, B, alpha) in modules.items():
+        out[f"unet.{name}.lora_A.weight"] = A.to(dtype).contiguous()
+        out[f"unet.{name}.lora_B.weight"] = (B * (alpha / A.shape[0])).to(dtype).contiguous()
+    meta["format"] = "diffusers"
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=meta)
+    return "diffusers"
+
+
+def loss_curve_png(points: list[tuple[int, float]], path: Path, title: str = "LCD loss") -> None:
+    """A loss curve drawn with PIL (no matplotlib): raw loss light, running mean dark, log-scale y."""
+    from PIL import Image, ImageDraw
+
+    from lcmtool.fileio import atomic_path
+
+    W, H, L, R, T, B = 640, 360, 60, 20, 30, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((L, 8), title, fill="black")
+    pts = [(s, v) for s, v in points if math.isfinite(v) and v > 0]
+    if len(pts) >= 2:
+        xs, ys = [s for s, _ in pts], [math.log10(v) for _, v in pts]
+        x0, x1 = min(xs), max(xs) or 1
+        y0, y1 = min(ys), max(ys)
+        if y1 - y0 < 1e-6:
+            y0, y1 = y0 - 0.5, y1 + 0.5
+
+        def px(s, y):
+            return (L + (s - x0) / max(x1 - x0, 1) * (W - L - R), T + (y1 - y) / (y1 - y0) * (H - T - B))
+
+        d.rectangle([L, T, W - R, H - B], outline="black")
+        for e in range(math.floor(y0), math.ceil(y1) + 1):
+            for m in (1, 2, 5):
+                y = e + math.log10(m)
+                if y0 <= y <= y1:
+                    _, yy = px(x0, y)
+                    d.line([L, yy, W - R, yy], fill=(225, 225, 225))
+                    d.text((4, yy - 6), f"{10 ** y:.2g}", fill="black")
+        d.line([px(s, y) for s, y in zip(xs, ys, strict=False)], fill=(160, 190, 235), width=1)
+        k = max(1, len(ys) // 50)
+        smooth = [sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))]
+        d.line([px(s, y) for s, y in zip(xs, smooth, strict=False)], fill=(20, 60, 160), width=2)
+        d.text((L, H - B + 6), f"step {x0}", fill="black")
+        d.text((W - R - 80, H - B + 6), f"step {x1}", fill="black")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def validation_grid(pipe, unet, cfg: DistillConfig, path: Path, device, autocast) -> None:
+    """Rows: fixed prompts; columns: LCM 1, 2, 4, 8 steps (stock diffusers LCMScheduler, guidance 1, LoRA on)."""
+    import torch
+    from diffusers import LCMScheduler
+    from PIL import Image, ImageDraw
+
+    from lcmtool.fileio import atomic_path
+
+    comps = {k: v for k, v in pipe.components.items()}
+    comps["unet"] = unet
+    comps["scheduler"] = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=cfg.timestep_scaling)
+    vpipe = type(pipe)(**comps)
+    vpipe.set_progress_bar_config(disable=True)
+    cols = []
+    was_training = unet.training
+    unet.eval()
+    for steps in cfg.validation_steps:
+        gens = [torch.Generator("cpu").manual_seed(cfg.validation_seed + i) for i in range(len(cfg.validation_prompts))]
+        with torch.no_grad(), autocast():
+            imgs = vpipe(cfg.validation_prompts, num_inference_steps=steps, guidance_scale=1.0, generator=gens,
+                         output_type="pil").images
+        cols.append(imgs)
+    unet.train(was_training)
+    s = cols[0][0].size[0]
+    scale = max(1, 128 // s)
+    cell = s * scale
+    grid = Image.new("RGB", (cell * len(cols), cell * len(cfg.validation_prompts) + 14), "white")
+    d = ImageDraw.Draw(grid)
+    for c, (steps, imgs) in enumerate(zip(cfg.validation_steps, cols, strict=False)):
+        d.text((c * cell + 4, 1), f"LCM {steps} step{'s' if steps > 1 else ''}", fill="black")
+        for r, im in enumerate(imgs):
+            grid.paste(im.resize((cell, cell), Image.NEAREST), (c * cell, 14 + r * cell))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    if resume == "latest":
+        ckpts = sorted((out / "checkpoints").glob("step-*"))
+        ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]
+        if not ckpts:
+            raise LcmError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
+        return ckpts[-1]
+    p = Path(resume).expanduser()
+    if not (p / "trainer_state.json").is_file():
+        raise LcmError(f"--resume {resume}: not a distill checkpoint folder (no trainer_state.json)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def distill(cfg: DistillConfig, log=None) -> dict:
+    """Run LCD with a LoRA student; returns a summary dict (paths, steps, final loss, samples/s)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import LoraConfig
+    from rich.console import Console
+
+    from lcmtool.config import write_resolved
+    from lcmtool.distill import data as D
+    from lcmtool.distill import lcd
+
+    console = Console(stderr=True, highlight=False)
+    log = log or (lambda msg: console.print(msg))
+    if not cfg.model:
+        raise LcmError("distill needs a teacher: --model demo:sd | a diffusers folder | a hub id")
+    if cfg.w_min > cfg.w_max or cfg.w_min < 0:
+        raise LcmError(f"need 0 <= w_min <= w_max, got w_min={cfg.w_min} w_max={cfg.w_max}")
+    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lora_rank < 1:
+        raise LcmError("max_steps, batch_size, grad_accum and lora_rank must be >= 1")
+    out = Path(cfg.out or Path("runs") / cfg.name)
+
+    # 1. the machine: accelerate does mixed precision, gradient accumulation and DDP
+    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if not use_cpu and not torch.cuda.is_available():
+        raise LcmError(f"device {cfg.device} requested but CUDA is not available")
+    if cfg.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(int(cfg.device.split(":")[1]))
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "no" if use_cpu else "bf16"
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=use_cpu)
+    device, main = accelerator.device, accelerator.is_main_process
+    set_seed(cfg.seed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, out / "config.yaml")
+
+    # 2. data listing before any model loads (an empty data set is an error here)
+    source = D.open_source(cfg.data, cfg.num_samples, cfg.seed)
+
+    # 3. the teacher (frozen), and its noise schedule
+    pipe, family, model_id = load_teacher(cfg.model)
+    if cfg.family != "auto" and not (cfg.family == family or {cfg.family, family} == {"sdxl", "ssd1b"}):
+        raise LcmError(f"this config is for the {cfg.family} family but {cfg.model} is {family}")
+    is_xl = family in ("sdxl", "ssd1b")
+    uncond = cfg.uncond if cfg.uncond != "auto" else ("zeros" if is_xl else "empty")
+    unet = pipe.unet
+    sched = pipe.scheduler.config
+    prediction_type = sched.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise LcmError(f"teacher prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
+    from diffusers import DDPMScheduler
+
+    alphas_cumprod = DDPMScheduler.from_config(sched).alphas_cumprod.to(torch.float64)
+    num_train_timesteps = sched.get("num_train_timesteps", 1000)
+    grid = lcd.SkippingGrid(alphas_cumprod, num_train_timesteps, cfg.num_ddim_timesteps)
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or unet.config.sample_size * vae_factor
+
+    # 4. the latent + text-embedding cache (main process builds it, the others wait and read it)
+    cache_root = _cache_root(cfg) / D.cache_key(model_id, source, resolution, cfg.center_crop, cfg.seed, uncond)
+    if main:
+        for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if m is not None:
+                m.to(device)
+        t0 = time.time()
+        fresh = not (cache_root / "meta.json").is_file()
+        D.build_cache(pipe, family, source, cache_root, resolution, cfg.center_crop, cfg.seed, uncond, device)
+        if fresh:
+            n_cached = json.loads((cache_root / "meta.json").read_text())["count"]
+            log(f"cached {n_cached} latents in {time.time() - t0:.1f}s -> {cache_root}")
+        for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if m is not None:
+                m.to("cpu")  # with the cache, the VAE and text encoders leave the GPU during training
+    accelerator.wait_for_everyone()
+    small = len(source) * 4 * (resolution // vae_factor) ** 2 * 2 < 2 ** 30
+    dataset = D.LatentCache(cache_root, cfg.seed, device=device if small else "cpu")
+    if dataset.meta["skipped"] and main:
+        log(f"[yellow]skipped {dataset.meta['skipped']} unreadable image(s)[/]")
+
+    # 5. the student: teacher UNet + LoRA on the 14 LCM-LoRA module kinds; base weights frozen in the compute dtype
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+    unet.requires_grad_(False)
+    unet.to(device, weight_dtype)
+    rank_pattern, alpha_pattern = {}, {}
+    if cfg.conv_rank:
+        conv_alpha = cfg.conv_alpha or cfg.conv_rank * cfg.lora_alpha / cfg.lora_rank
+        for name, mod in unet.named_modules():
+            if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size != (1, 1):
+                rank_pattern[re.escape(name)], alpha_pattern[re.escape(name)] = cfg.conv_rank, conv_alpha
+    unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                target_modules=cfg.target_modules, rank_pattern=rank_pattern,
+                                alpha_pattern=alpha_pattern))
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora_params:
+        p.data = p.data.float()  # LoRA weights train in fp32 (autocast computes in bf16)
+    if not lora_params:
+        raise LcmError(f"no module of the UNet matches target_modules {cfg.target_modules}")
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema = [p.detach().clone() for p in lora_params] if cfg.ema_decay > 0 else []
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    raw_unet = accelerator.unwrap_model(unet)
+
+    # 6. resume: LoRA, optimizer, schedule and the data position (step), written by `checkpoint` below
+    step, ckpt_dir, losses = 0, out / "checkpoints", []
+    if cfg.resume:
+        ck = find_checkpoint(out, cfg.resume)
+        state = json.loads((ck / "trainer_state.json").read_text())
+        for key in ("seed", "batch_size", "grad_accum"):
+            if state["config"].get(key) != getattr(cfg, key):
+                raise LcmError(f"cannot resume {ck}: it was trained with {key}={state['config'].get(key)}, "
+                               f"now {getattr(cfg, key)}")
+        if state["world_size"] != accelerator.num_processes:
+            raise LcmError(f"cannot resume {ck}: it ran on {state['world_size']} processes, "
+                           f"now {accelerator.num_processes}")
+        blob = torch.load(ck / "training.pt", map_location=device, weights_only=True)
+        with torch.no_grad():
+            for p, v in zip(lora_params, blob["lora"], strict=False):
+                p.copy_(v)
+            for e, v in zip(ema, blob.get("ema", []), strict=False):
+                e.copy_(v)
+        optimizer.load_state_dict(blob["optimizer"])
+        lr_sched.load_state_dict(blob["lr_scheduler"])
+        step = state["step"]
+        metrics_file = out / "metrics.jsonl"
+        if metrics_file.is_file():
+            losses = [(r["step"], r["loss"]) for r in map(json.loads, metrics_file.read_text().splitlines())
+                      if r.get("step", 0) <= step and "loss" in r]
+        log(f"resumed from {ck} at step {step}")
+
+    def checkpoint(reason: str) -> Path | None:
+        """Atomic: written into a temp folder, then renamed; older ones beyond keep_checkpoints are removed."""
+        accelerator.wait_for_everyone()
+        if not main:
+            return None
+        final = ckpt_dir / f"step-{step:07d}"
+        tmp = ckpt_dir / f".tmp-step-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save({"lora": [p.detach().cpu() for p in lora_params], "ema": [e.cpu() for e in ema],
+                    "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict()}, tmp / "training.pt")
+        from lcmtool.config import to_dict
+
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"step": step, "samples_seen": step * samples_per_step, "world_size": accelerator.num_processes,
+             "reason": reason, "config": to_dict(cfg)}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(ckpt_dir.glob("step-*"))[:-max(1, cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    # 7. the loop: each optimizer step consumes grad_accum micro-batches per process from the data stream
+    world = accelerator.num_processes
+    samples_per_step = cfg.batch_size * cfg.grad_accum * world
+    metrics = open(out / "metrics.jsonl", "a") if main else None
+    if main and not cfg.resume:
+        metrics.truncate(0)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} samples/s"),
+                        TimeRemainingColumn(), console=console, disable=not main or not sys.stderr.isatty()
+                        and os.environ.get("LCMTOOL_PROGRESS") != "1")
+    task = progress.add_task("distill", total=cfg.max_steps, completed=step, loss="-", sps="-")
+    unet.train()
+    start_step, t_start, t_log, loss_acc, n_acc = step, time.time(), time.time(), 0.0, 0
+    last_good = None
+    try:
+        with progress:
+            while step < cfg.max_steps:
+                for micro in range(cfg.grad_accum):
+                    # 7.1 the batch at this stream position (deterministic: resume sees the same samples)
+                    position = ((step * cfg.grad_accum + micro) * world + accelerator.process_index) * cfg.batch_size
+                    batch = dataset.batch(position, cfg.batch_size)
+                    seed = hash((cfg.seed, step, micro, accelerator.process_index)) % 2 ** 62
+                    g = torch.Generator().manual_seed(seed)
+                    latents = batch["latents"].to(device, torch.float32)
+                    cond = batch["prompt_embeds"].to(device, weight_dtype)
+                    bsz = latents.shape[0]
+                    # 7.2 n ~ U{0..N-1} on the skipping grid, w ~ U[w_min, w_max], noise z to t_{n+k}
+                    index = torch.randint(0, len(grid), (bsz,), generator=g)
+                    t_start_, t_prev = grid.start_and_target_timesteps(index)
+                    w = lcd.sample_guidance(g, bsz, cfg.w_min, cfg.w_max).to(device)
+                    noise = torch.randn(latents.shape, generator=g).to(device)
+                    index, t_start_, t_prev = index.to(device), t_start_.to(device), t_prev.to(device)
+                    z_t = lcd.add_noise(latents, noise, t_start_, alphas_cumprod)
+                    uncond_e = dataset.text["uncond_embeds"].to(device, weight_dtype).expand_as(cond)
+                    kw, kw_u = {}, {}
+                    if is_xl:
+                        pooled = batch["pooled_embeds"].to(device, weight_dtype)
+                        time_ids = batch["geometry"].to(device, weight_dtype)
+                        kw = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+                        up = dataset.text["uncond_pooled"].to(device, weight_dtype).expand_as(pooled)
+                        kw_u = {"added_cond_kwargs": {"text_embeds": up, "time_ids": time_ids}}
+
+                    with accelerator.accumulate(unet):
+                        # 7.3-7.5 student at t_{n+k}; teacher (LoRA off) guided DDIM step to t_n; target at t_n
+                        pred, target = lcd_pred_target(unet, raw_unet, z_t, t_start_, t_prev, index, w, cond, uncond_e,
+                                                       kw.get("added_cond_kwargs"), kw_u.get("added_cond_kwargs"),
+                                                       grid, alphas_cumprod, prediction_type, cfg.timestep_scaling,
+                                                       accelerator.autocast, lora_params, ema)
+                        # 7.6 loss and update
+                        loss = lcd.distance(pred, target, cfg.loss, cfg.huber_c)
+                        lval = accelerator.reduce(loss.detach(), "mean").item()
+                        if not math.isfinite(lval):
+                            raise NonFiniteLoss(f"non-finite loss ({lval}) at step {step + 1}; stopped, last good "
+                                                f"checkpoint: {last_good or 'none'}")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    loss_acc += lval
+                    n_acc += 1
+                lr_sched.step()
+                if ema:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(ema, [p.detach() for p in lora_params], 1 - cfg.ema_decay)
+                step += 1
+
+                # 7.7 logging, checkpoints, validation
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    now = time.time()
+                    mean = loss_acc / max(1, n_acc)
+                    sps = samples_per_step * (n_acc / cfg.grad_accum) / max(now - t_log, 1e-9)
+                    losses.append((step, mean))
+                    if main:
+                        metrics.write(json.dumps({"step": step, "loss": mean, "lr": lr_sched.get_last_lr()[0],
+                                                  "samples_per_s": sps, "samples_seen": step * samples_per_step,
+                                                  "elapsed_s": now - t_start}) + "\n")
+                        metrics.flush()
+                    progress.update(task, completed=step, loss=f"{mean:.4g}", sps=f"{sps:.0f}")
+                    if main and progress.disable and (step % (cfg.log_every * 5) == 0 or step == cfg.max_steps):
+                        log(f"step {step}/{cfg.max_steps} loss {mean:.4g} {sps:.0f} samples/s "
+                            f"elapsed {now - t_start:.0f}s")
+                    t_log, loss_acc, n_acc = now, 0.0, 0
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                    last_good = checkpoint("periodic") or last_good
+                if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps and main:
+                    _validate(pipe, raw_unet, cfg, out / "validation" / f"step-{step:07d}.png", device,
+                              accelerator.autocast)
+    except KeyboardInterrupt:
+        if step > start_step:
+            where = checkpoint("interrupted")
+            log(f"interrupted at step {step}: checkpoint {where} (continue with --resume latest)")
+        raise
+    finally:
+        if metrics:
+            metrics.close()
+    elapsed = time.time() - t_start
+
+    # 8. outputs: tau_LCM, the validation grid, the loss curve, a final checkpoint
+    ckpt = checkpoint("final")
+    # data-parallel ranks must hold identical LoRA weights: one checksum per rank, gathered into the summary
+    flat = torch.cat([p.detach().double().flatten() for p in lora_params])
+    probe = torch.cos(torch.arange(flat.numel(), dtype=torch.float64, device=flat.device))
+    rank_sums = accelerator.gather(torch.stack([flat.sum(), flat @ probe]).float().unsqueeze(0)).cpu().tolist()
+    summary = {"out": str(out), "steps": step, "family": family, "samples_per_s": (step - start_step)
+               * samples_per_step / max(elapsed, 1e-9), "final_loss": losses[-1][1] if losses else None,
+               "skipped_images": dataset.meta["skipped"], "samples_cached": len(dataset),
+               "world_size": world, "rank_checksums": rank_sums, "cache": str(cache_root)}
+    if main:
+        from lcmtool import __version__
+
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+        from lcmtool.config import to_dict
+
+        lora_path = out / "lcm-lora.safetensors"
+        fmt = save_tau_lcm(raw_unet, lora_path, cfg.format, family, dtype, {
+            "lcmtool_version": __version__, "lcmtool_kind": "tau_lcm", "base_model": cfg.model, "family": family,
+            "steps": str(step), "rank": str(cfg.lora_rank), "alpha": str(cfg.lora_alpha), "config": to_dict(cfg)})
+        _validate(pipe, raw_unet, cfg, out / "validation.png", device, accelerator.autocast)
+        loss_curve_png(losses, out / "loss.png", f"LCD loss ({cfg.model}, {step} steps)")
+        summary.update({"lora": str(lora_path), "format": fmt, "lora_bytes": lora_path.stat().st_size,
+                        "checkpoint": str(ckpt), "validation": str(out / "validation.png"),
+                        "loss_curve": str(out / "loss.png")})
+        from lcmtool.fileio import atomic_write_json
+
+        atomic_write_json(out / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _validate(pipe, unet, cfg, path, device, autocast):
+    """Validation runs on the main process with the VAE and text encoders brought to the device for the call."""
+    mods = [m for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    for m in mods:
+        m.to(device)
+    try:
+        validation_grid(pipe, unet, cfg, path, device, autocast)
+    finally:
+        for m in mods:
+            m.to("cpu")

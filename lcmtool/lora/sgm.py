@@ -1,0 +1,114 @@
+"""SGM (Stability's generative-models / LDM) UNet block names <-> diffusers module paths.
+
+kohya-ss trains SDXL on the SGM UNet, so its SDXL LoRAs name modules `input_blocks.4.1.proj_in` where diffusers
+says `down_blocks.1.attentions.0.proj_in`. The map is derived from a UNet2DConditionModel config (block types and
+layers_per_block), following the layout of ldm/modules/diffusionmodules/openaimodel.py:
+input_blocks[0] = conv_in; then per down block `layers_per_block` entries [ResBlock, (SpatialTransformer)] and,
+except for the last block, one [Downsample]; middle_block = [ResBlock, SpatialTransformer, ResBlock]; per up block
+`layers_per_block + 1` entries [ResBlock, (SpatialTransformer), (Upsample)].
+"""
+from __future__ import annotations
+
+# Inside a ResBlock the SGM layers have other names than diffusers' ResnetBlock2D.
+_RESNET_SGM_TO_DIFFUSERS = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
+                            "skip_connection": "conv_shortcut", "in_layers.0": "norm1", "out_layers.0": "norm2"}
+_RESNET_DIFFUSERS_TO_SGM = {v: k for k, v in _RESNET_SGM_TO_DIFFUSERS.items()}
+# Modules outside the three block lists.
+_TOP_SGM_TO_DIFFUSERS = {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "out.0": "conv_norm_out",
+                         "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+                         "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
+_TOP_DIFFUSERS_TO_SGM = {v: k for k, v in _TOP_SGM_TO_DIFFUSERS.items()}
+
+SGM_PATTERNS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.")
+
+
+def block_map(config: dict) -> dict[str, str]:
+    """SGM block prefix -> diffusers block prefix, e.g. 'input_blocks.4.1' -> 'down_blocks.1.attentions.0'."""
+    lpb = config.get("layers_per_block", 2)
+    down, up = config["down_block_types"], config["up_block_types"]
+    n = len(down)
+    lpb_down = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
+    lpb_up = list(reversed(lpb_down))
+    out: dict[str, str] = {}
+    i = 1
+    for b, kind in enumerate(down):
+        for j in range(lpb_down[b]):
+            out[f"input_blocks.{i}.0"] = f"down_blocks.{b}.resnets.{j}"
+            if "CrossAttn" in kind:
+                out[f"input_blocks.{i}.1"] = f"down_blocks.{b}.attentions.{j}"
+            i += 1
+        if b < n - 1:
+            out[f"input_blocks.{i}.0"] = f"down_blocks.{b}.downsamplers.0"
+            i += 1
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid is not None:
+        out["middle_block.0"] = "mid_block.resnets.0"
+        if "CrossAttn" in mid:
+            out["middle_block.1"] = "mid_block.attentions.0"
+            out["middle_block.2"] = "mid_block.resnets.1"
+        else:
+            out["middle_block.1"] = "mid_block.resnets.1"
+    i = 0
+    for b, kind in enumerate(up):
+        for j in range(lpb_up[b] + 1):
+            out[f"output_blocks.{i}.0"] = f"up_blocks.{b}.resnets.{j}"
+            k = 1
+            if "CrossAttn" in kind:
+                out[f"output_blocks.{i}.1"] = f"up_blocks.{b}.attentions.{j}"
+                k = 2
+            if j == lpb_up[b] and b < n - 1:
+                out[f"output_blocks.{i}.{k}"] = f"up_blocks.{b}.upsamplers.0"
+            i += 1
+    return out
+
+
+def _split_block(name: str, prefixes) -> tuple[str, str] | None:
+    """Longest prefix of dotted `name` found in `prefixes` -> (prefix, rest)."""
+    parts = name.split(".")
+    for n in range(min(len(parts), 5), 0, -1):
+        head = ".".join(parts[:n])
+        if head in prefixes:
+            return head, ".".join(parts[n:])
+    return None
+
+
+def sgm_to_diffusers(name: str, config: dict, _cache: dict = {}) -> str:  # noqa: B006 - memo keyed by config
+    """'input_blocks.4.0.in_layers.2' -> 'down_blocks.1.resnets.0.conv1'; raises KeyError if not in this UNet."""
+    for sgm, diff in _TOP_SGM_TO_DIFFUSERS.items():
+        if name == sgm:
+            return diff
+    bmap = _cache.setdefault(repr(sorted(config.items())), block_map(config))
+    hit = _split_block(name, bmap)
+    if hit is None:
+        raise KeyError(name)
+    head, rest = hit
+    target = bmap[head]
+    if ".resnets." in target:
+        hit = _split_block(rest, _RESNET_SGM_TO_DIFFUSERS)
+        if hit is not None:
+            rest = _RESNET_SGM_TO_DIFFUSERS[hit[0]] + (f".{hit[1]}" if hit[1] else "")
+    elif target.endswith("downsamplers.0"):
+        rest = "conv" if rest == "op" else rest
+    return f"{target}.{rest}" if rest else target
+
+
+def diffusers_to_sgm(name: str, config: dict) -> str:
+    """Inverse of sgm_to_diffusers."""
+    if name in _TOP_DIFFUSERS_TO_SGM:
+        return _TOP_DIFFUSERS_TO_SGM[name]
+    inv = {v: k for k, v in block_map(config).items()}
+    hit = _split_block(name, inv)
+    if hit is None:
+        raise KeyError(name)
+    head, rest = hit
+    if ".resnets." in head:
+        hit = _split_block(rest, _RESNET_DIFFUSERS_TO_SGM)
+        if hit is not None:
+            rest = _RESNET_DIFFUSERS_TO_SGM[hit[0]] + (f".{hit[1]}" if hit[1] else "")
+    elif head.endswith("downsamplers.0"):
+        rest = "op" if rest == "conv" else rest
+    return f"{inv[head]}.{rest}" if rest else inv[head]
+
+
+def is_sgm_name(name: str) -> bool:
+    return name.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb."))

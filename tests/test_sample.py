@@ -1,0 +1,272 @@
+"""Sample engine (issue 4) on random-weight demo fixtures, CPU.
+
+Oracle: a plain diffusers pipeline with the stock scheduler, configured as the diffusers docs show.
+Tolerance: max abs pixel difference <= 2 (of 255) on the uint8 PNGs.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lcmtool.cli import app
+
+PROMPT = "a large red circle on the left"
+TOL = 2  # of 255
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread avoids OpenMP spin-wait thrashing (~10x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def demo_folders(tmp_path_factory):
+    from lcmtool.demo.arch import build_pipeline
+
+    root = tmp_path_factory.mktemp("demo")
+    out = {}
+    for fam in ("sd", "xl"):
+        build_pipeline(fam).save_pretrained(root / fam)
+        out[fam] = str(root / fam)
+    return out
+
+
+@pytest.fixture(scope="session")
+def loras(demo_folders, tmp_path_factory):
+    """One random LoRA on the SD fixture's 14 LCM target kinds, in kohya and diffusers formats; one for XL."""
+    from diffusers import UNet2DConditionModel
+
+    from lcmtool.lora.io import save_lora
+    from lcmtool.lora.synth import synth_lora, target_shapes
+
+    root = tmp_path_factory.mktemp("loras")
+    out = {}
+    for fam in ("sd", "xl"):
+        unet = UNet2DConditionModel.from_pretrained(demo_folders[fam], subfolder="unet")
+        lf = synth_lora(target_shapes(unet), rank=4, alpha=2, seed=1)
+        for fmt in ("kohya", "diffusers"):
+            out[f"{fam}-{fmt}"] = str(save_lora(lf, root / f"{fam}-{fmt}.safetensors", format=fmt))
+    return out
+
+
+def cli(*args):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res
+
+
+def pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def stock_pipeline(folder: str):
+    """A plain diffusers pipeline, loaded as the docs show."""
+    from diffusers import DiffusionPipeline
+
+    kw = {"safety_checker": None, "requires_safety_checker": False} if folder.endswith("sd") else {}
+    pipe = DiffusionPipeline.from_pretrained(folder, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stock_scheduler(name: str, cfg):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+
+    if name == "lcm":
+        return LCMScheduler.from_config(cfg)
+    if name == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
+    # SDXL's shipped config is Euler's and lacks these two; DDIM's class defaults would clip latents to [-1, 1]
+    return DDIMScheduler.from_config(cfg, set_alpha_to_one=False, clip_sample=False)
+
+
+# ---- equality with plain diffusers ----
+
+@pytest.mark.parametrize("fam", ["sd", "xl"])
+def test_schedulers_match_plain_diffusers(demo_folders, fam):
+    """lcm 4 steps w=1, dpmpp 4 steps w=7.5, ddim 4 steps w=7.5: lcmtool's image == stock diffusers' image."""
+    from lcmtool.models import load_pipeline
+    from lcmtool.sample.engine import Job, generate, set_scheduler
+
+    ours, family = load_pipeline(demo_folders[fam], torch.float32, "cpu")
+    assert family == ("sd15" if fam == "sd" else "sdxl")
+    base = dict(ours.scheduler.config)
+    stock = stock_pipeline(demo_folders[fam])
+    for name, g in (("lcm", 1.0), ("dpmpp", 7.5), ("ddim", 7.5)):
+        set_scheduler(ours, base, name, 4, "leading")
+        (mine,), _ = generate(ours, [Job(PROMPT, "", 3)], name, 4, g, 64, 64, "cpu")
+        stock.scheduler = stock_scheduler(name, base)
+        ref = stock(PROMPT, num_inference_steps=4, guidance_scale=g, height=64, width=64,
+                    generator=torch.Generator().manual_seed(3)).images[0]
+        assert max_diff(mine, ref) <= TOL, (fam, name)
+        assert np.asarray(mine).std() > 1, "blank image"  # a real image, not a constant
+
+
+def test_no_sync_schedulers_equal_stock():
+    """All five wrapped schedulers step exactly like diffusers' (same timesteps, same trajectory)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
+
+    from lcmtool.demo.arch import SD15_SCHEDULER
+    from lcmtool.sample.schedulers import make_scheduler
+
+    stock = {"lcm": LCMScheduler, "ddim": DDIMScheduler, "tcd": TCDScheduler, "euler": EulerDiscreteScheduler,
+             "dpmpp": DPMSolverMultistepScheduler}
+    for name, cls in stock.items():
+        ours = make_scheduler(name, SD15_SCHEDULER)
+        ref = cls.from_config(ours.config)  # the stock class with the same pinned config
+        xs = []
+        for sch in (ours, ref):
+            sch.set_timesteps(6)
+            x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sch.init_noise_sigma
+            gen = torch.Generator().manual_seed(1)
+            for t in sch.timesteps:
+                eps = torch.sin(sch.scale_model_input(x, t) * 3 + float(t) / 100)
+                kw = {"eta": 0.3} if name == "tcd" else {}
+                x = sch.step(eps, t, x, generator=gen, return_dict=False, **kw)[0]
+            xs.append(x)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist(), name
+        torch.testing.assert_close(xs[0], xs[1], rtol=0, atol=1e-5, msg=name)
+
+
+def test_pinned_config_ignores_checkpoint_scheduler_settings():
+    """A checkpoint's own spacing/offset/karras settings do not leak in; its betas and prediction type do."""
+    from lcmtool.sample.schedulers import pinned_config
+
+    odd = dict(num_train_timesteps=1000, beta_start=0.001, beta_end=0.02, beta_schedule="linear",
+               prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0, use_karras_sigmas=True)
+    cfg = pinned_config("dpmpp", odd)
+    assert (cfg["timestep_spacing"], cfg["steps_offset"], cfg["use_karras_sigmas"]) == ("leading", 1, False)
+    assert (cfg["beta_start"], cfg["beta_schedule"], cfg["prediction_type"]) == (0.001, "linear", "v_prediction")
+    assert pinned_config("lcm", odd)["original_inference_steps"] == 50
+
+
+# ---- LoRAs ----
+
+def test_lora_formats_weights_and_fusing(demo_folders, loras, tmp_path):
+    """kohya == diffusers format; weight 0 == teacher; a real LoRA changes the image; --no-fuse == fused."""
+    base = ["sample", "--model", demo_folders["sd"], "--prompt", PROMPT, "--steps", 2, "--seed", 5]
+    outs = {}
+    for name, extra in {"teacher": ["--lora", "none"], "kohya": ["--lora", loras["sd-kohya"]],
+                        "diffusers": ["--lora", loras["sd-diffusers"]],
+                        "zero": ["--lora", loras["sd-kohya"] + ":0"],
+                        "unfused": ["--lora", loras["sd-diffusers"], "--no-fuse"]}.items():
+        res = cli(*base, *extra, "--out", tmp_path / name)
+        assert res.exit_code == 0, res.output
+        outs[name] = pixels(next((tmp_path / name).glob("*.png")))
+    assert max_diff(outs["kohya"], outs["diffusers"]) <= TOL
+    assert max_diff(outs["zero"], outs["teacher"]) <= TOL
+    assert max_diff(outs["unfused"], outs["kohya"]) <= TOL
+    assert max_diff(outs["kohya"], outs["teacher"]) > 10, "the LoRA had no visible effect"
+
+
+# ---- bad inputs: exit 2, one line, no PNG ----
+
+@pytest.mark.parametrize("case", ["missing-model", "corrupt-model", "corrupt-lora", "other-family-lora",
+                                  "unknown-scheduler", "steps-0", "size-60", "empty-prompts", "missing-lora"])
+def test_bad_inputs(case, demo_folders, loras, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    sd = demo_folders["sd"]
+    args = {
+        "missing-model": ["--model", tmp_path / "nope" / "model.safetensors"],
+        "corrupt-model": ["--model", bad],
+        "corrupt-lora": ["--model", sd, "--lora", bad],
+        "other-family-lora": ["--model", sd, "--lora", loras["xl-kohya"]],
+        "unknown-scheduler": ["--model", sd, "--scheduler", "plms"],
+        "steps-0": ["--model", sd, "--steps", 0],
+        "size-60": ["--model", sd, "--height", 60, "--lora", "none"],
+        "empty-prompts": ["--model", sd, "--prompts", empty],
+        "missing-lora": ["--model", sd, "--lora", tmp_path / "nope.safetensors"],
+    }[case]
+    if "--prompts" not in args:
+        args += ["--prompt", PROMPT]
+    out = tmp_path / "out"
+    res = cli("sample", *args, "--out", out)
+    assert res.exit_code == 2, (case, res.output)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), (case, res.stderr)
+    assert not list(out.glob("**/*.png")) if out.exists() else True
+
+
+def test_default_model_is_demo_sd(monkeypatch, tmp_path):
+    """`lcmtool sample` with no --model samples demo:sd; where the demo assets are missing: one clear line, exit 2."""
+    from lcmtool.models import ASSETS, DEMO_MODELS
+    from lcmtool.sample.engine import SampleConfig
+
+    assert SampleConfig().model == "demo:sd"
+    if (ASSETS / DEMO_MODELS["sd"] / "model_index.json").is_file():
+        pytest.skip("demo assets are built; covered by make demo")
+    res = cli("sample", "--prompt", PROMPT, "--steps", 4, "--out", tmp_path)
+    assert res.exit_code == 2 and "demo:sd" in res.stderr and "make demo-models" in res.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+# ---- outputs, seeds, --json ----
+
+def test_json_metadata_and_seeds(demo_folders, loras, tmp_path):
+    """--json lines parse; PNG metadata round-trips; same seed -> same image; image k uses seed + k."""
+    from lcmtool.fileio import sha256_file
+    from lcmtool.sample.outputs import read_png_meta
+
+    common = ["sample", "--model", demo_folders["sd"], "--prompt", PROMPT, "--steps", 2, "--lora",
+              loras["sd-kohya"] + ":0.5"]
+    res = cli(*common, "--num-images", 3, "--batch-size", 2, "--seed", 7, "--json", "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(ln) for ln in res.stdout.splitlines()]
+    assert [r["seed"] for r in recs] == [7, 8, 9] and all(r["ms_per_image"] > 0 for r in recs)
+    meta = read_png_meta(recs[1]["path"])
+    assert meta["parameters"].startswith(PROMPT + "\n")
+    assert "Steps: 2, Sampler: LCM, CFG scale: 1.0, Seed: 8, Size: 64x64" in meta["parameters"]
+    m = meta["lcmtool"]
+    assert (m["prompt"], m["seed"], m["steps"], m["scheduler"], m["guidance"]) == (PROMPT, 8, 2, "lcm", 1.0)
+    assert m["loras"][0]["weight"] == 0.5 and m["loras"][0]["sha256"] == sha256_file(loras["sd-kohya"])
+    assert m["scheduler_config"]["original_inference_steps"] == 50 and m["version"]
+
+    # the same seed alone, in another run and batch: the same image
+    res = cli(*common, "--seed", 8, "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    again = pixels(next((tmp_path / "b").glob("*.png")))
+    assert max_diff(again, pixels(recs[1]["path"])) <= TOL
+    assert max_diff(pixels(recs[0]["path"]), pixels(recs[1]["path"])) > 10  # other seed, other image
+
+
+def test_prompts_file_jsonl_and_compare_grid(demo_folders, tmp_path):
+    """JSONL prompts with per-line seeds; compare writes one labelled grid with timings per column."""
+    from PIL import Image
+
+    from lcmtool.sample.outputs import read_png_meta
+
+    pf = tmp_path / "p.jsonl"
+    pf.write_text(json.dumps({"prompt": PROMPT, "seed": 11}) + "\n" + "a small blue square at the top\n")
+    res = cli("sample", "--model", demo_folders["xl"], "--prompts", pf, "--steps", 1, "--lora", "none",
+              "--json", "--out", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(ln) for ln in res.stdout.splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in recs] == [(PROMPT, 11), ("a small blue square at the top", 0)]
+
+    grid = tmp_path / "cmp.png"
+    res = cli("compare", "--model", demo_folders["sd"], "--prompt", PROMPT, "--runs", "lcm:1,lcm:2,dpmpp:2",
+              "--lora", "none", "--num-images", 2, "--out", grid, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [(r["scheduler"], r["steps"], r["guidance"]) for r in out["runs"]] == [
+        ("lcm", 1, 1.0), ("lcm", 2, 1.0), ("dpmpp", 2, 7.5)]
+    assert all(r["ms_per_image"] > 0 for r in out["runs"])
+    w, h = Image.open(grid).size
+    assert w > 3 * 192 and h > 2 * 192  # 3 columns x 2 rows of >= 192 px cells plus labels
+    assert read_png_meta(grid)["lcmtool"]["runs"] == out["runs"]

@@ -101,13 +101,15 @@ SizeW = Annotated[Optional[int], typer.Option(help="Width in pixels (default: th
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16.")]
 GammaOpt = Annotated[Optional[float], typer.Option(help="TCD stochasticity gamma (0.3).")]
+ModelConfigOpt = Annotated[Optional[str], typer.Option("--model-config", help="Single-file checkpoints: a diffusers config folder to use instead of the shipped preset.")]
+TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Single-file checkpoints: a tokenizer folder (default: the shipped CLIP tokenizer).")]
 
 
 @app.command()
 @handled
 def sample(
     prompt: PromptOpt = None, prompts: PromptsOpt = None, negative_prompt: NegOpt = None,
-    model: ModelOpt = None, lora: LoraOpt = None,
+    model: ModelOpt = None, model_config: ModelConfigOpt = None, tokenizer: TokenizerOpt = None, lora: LoraOpt = None,
     fuse: Annotated[Optional[bool], typer.Option("--fuse/--no-fuse", help="Fuse LoRAs into the weights "
                                                  "(default) or keep peft adapters.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="lcm (default) | dpmpp | ddim | euler | tcd.")] = None,
@@ -129,7 +131,7 @@ def sample(
     flags = dict(prompt=prompt, prompts=prompts, negative_prompt=negative_prompt, model=model, lora=lora or None,
                  fuse=fuse, scheduler=scheduler, steps=steps, guidance=guidance, timesteps=timesteps, gamma=gamma,
                  seed=seed, num_images=num_images, batch_size=batch_size, height=height, width=width, out=out,
-                 device=device, dtype=dtype)
+                 device=device, dtype=dtype, model_config=model_config, tokenizer=tokenizer)
     cfg = resolve(SampleConfig, config, flags, set_)
     records = run_sample(cfg, on_image=emit_json if json_ else None, progress=not json_)
     if not json_:
@@ -145,7 +147,7 @@ def sample(
 @handled
 def compare(
     prompt: PromptOpt = None, prompts: PromptsOpt = None, negative_prompt: NegOpt = None,
-    model: ModelOpt = None, lora: LoraOpt = None,
+    model: ModelOpt = None, model_config: ModelConfigOpt = None, tokenizer: TokenizerOpt = None, lora: LoraOpt = None,
     runs: Annotated[Optional[str], typer.Option(help="Columns scheduler:steps[:guidance], comma separated "
                                                 "(lcm:1,lcm:2,lcm:4,lcm:8,dpmpp:4,dpmpp:8,dpmpp:25).")] = None,
     gamma: GammaOpt = None, seed: SeedOpt = None, num_images: NumOpt = None,
@@ -161,7 +163,7 @@ def compare(
 
     flags = dict(prompt=prompt, prompts=prompts, negative_prompt=negative_prompt, model=model, lora=lora or None,
                  runs=runs, gamma=gamma, seed=seed, num_images=num_images, height=height, width=width, out=out,
-                 device=device, dtype=dtype)
+                 device=device, dtype=dtype, model_config=model_config, tokenizer=tokenizer)
     result = run_compare(resolve(CompareConfig, config, flags, set_))
     if json_:
         emit_json(result)
@@ -202,17 +204,19 @@ def merge(
     lambda1: Annotated[Optional[str], typer.Option("--lambda1", help="Weight of the style vector (0.8).")] = None,
     lambda2: Annotated[Optional[str], typer.Option("--lambda2", help="Weight of the LCM vector (1.0).")] = None,
     add: Annotated[Optional[list[str]], typer.Option(help="More vectors: PATH:WEIGHT (repeatable, <0 allowed).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="concat (exact) | svd (needs --rank).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="concat (exact) | svd (needs --rank) | fuse (into --model).")
+                      ] = None,
     rank: Annotated[Optional[int], typer.Option(help="Output rank for --method svd.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Base model (picks the default --lcm).")] = None,
-    format: Annotated[Optional[str], typer.Option("--format", help="kohya | kohya-sgm | diffusers | peft.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model (picks the default --lcm; fuse target).")] = None,
+    format: Annotated[Optional[str], typer.Option(
+        "--format", help="kohya | kohya-sgm | diffusers | peft; with fuse: diffusers (folder) | single-file.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto | fp32 | fp16 | bf16.")] = None,
     lambda1_blocks: Annotated[Optional[str], typer.Option(help="Per-block lambda1: down=1,mid=1,up=0.8.")] = None,
     lambda2_blocks: Annotated[Optional[str], typer.Option(help="Per-block lambda2: down=1,mid=1,up=0.8.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Output .safetensors.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output .safetensors (fuse: folder or .safetensors).")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False, debug: DebugOpt = False,
 ):
-    """Task arithmetic over LoRAs: tau' = lambda1 * tau_style + lambda2 * tau_LCM (paper eq. 3)."""
+    """Task arithmetic over LoRAs: tau' = lambda1 * tau_style + lambda2 * tau_LCM (paper eq. 3); fuse bakes it in."""
     from lcmtool.config import resolve
     from lcmtool.lora.engine import MergeConfig, block_lambdas, run_merge
 

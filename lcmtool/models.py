@@ -53,8 +53,9 @@ def family_of_pipeline(pipe) -> str:
     if getattr(pipe, "text_encoder_2", None) is None:
         return "sd15"
     layers = pipe.unet.config.get("transformer_layers_per_block")
-    if (isinstance(layers, (list, tuple)) and list(layers)[-1:] == [4]
-            and pipe.unet.config.block_out_channels[-1] == 1280):
+    last = layers[-1] if isinstance(layers, (list, tuple)) and layers else layers
+    last = last[0] if isinstance(last, (list, tuple)) else last  # per-layer lists of an asymmetric UNet
+    if last == 4 and pipe.unet.config.block_out_channels[-1] == 1280:
         return "ssd1b"
     return "sdxl"
 

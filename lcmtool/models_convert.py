@@ -212,7 +212,7 @@ def derive_unet(shapes: dict, base: dict, family: str) -> dict:
     tl = [(d[0] or 1) if len(set(d)) == 1 else d for d in down]
     rtl = [(u[0] or 1) if len(set(u)) == 1 else u for u in up]
     if rtl == tl[::-1] and all(isinstance(x, int) for x in tl):
-        cfg.update(transformer_layers_per_block=1 if set(tl) == {1} else tl, reverse_transformer_layers_per_block=None)
+        cfg.update(transformer_layers_per_block=tl, reverse_transformer_layers_per_block=None)
     else:
         cfg.update(transformer_layers_per_block=[x if isinstance(x, list) else [x] * L for x in tl],
                    reverse_transformer_layers_per_block=[x if isinstance(x, list) else [x] * (L + 1) for x in rtl])
@@ -226,8 +226,9 @@ def derive_unet(shapes: dict, base: dict, family: str) -> dict:
     heads = heads if isinstance(heads, list) and len(heads) == n else [heads if isinstance(heads, int) else 8] * n
     base_ch = base.get("block_out_channels")
     base_ch = base_ch if base_ch and len(base_ch) == n else [None] * n
-    cfg[key] = [_heads(h, c, b, family) if down[i][0] or up[n - 1 - i][0] else h
-                for i, (h, c, b) in enumerate(zip(heads, ch, base_ch, strict=True))]
+    attn = [bool(down[i][0] or up[n - 1 - i][0]) for i in range(n)]  # heads of levels without attention are unused
+    cfg[key] = [_heads(h, c, b, family) if a else (h if c == b or family == "sd15" else max(1, c // 64))
+                for a, h, c, b in zip(attn, heads, ch, base_ch, strict=True)]
     if family == "sd15" and len(set(cfg[key])) == 1:
         cfg[key] = cfg[key][0]
     groups = cfg.get("norm_num_groups", 32)

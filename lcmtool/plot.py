@@ -36,8 +36,9 @@ def line_chart(series: dict[str, list[float]], path: str | Path, title: str = ""
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
     for i, (name, s) in enumerate(series.items()):
-        pts = [(left + (w - left - right) * j / max(n - 1, 1), h - bottom - (h - top - bottom) * (f(v) - lo) / (hi - lo))
-               for j, v in enumerate(s) if math.isfinite(v)]
+        x = lambda j: left + (w - left - right) * j / max(n - 1, 1)
+        y = lambda v: h - bottom - (h - top - bottom) * (f(v) - lo) / (hi - lo)
+        pts = [(x(j), y(v)) for j, v in enumerate(s) if math.isfinite(v)]
         if len(pts) > 1:
             d.line(pts, fill=colours[i % len(colours)], width=2)
         d.text((left + 8, top + 6 + 14 * i), name, fill=colours[i % len(colours)])

@@ -28,7 +28,8 @@ def test_version():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from lcmtool.cli import app; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    code = ("import sys; from lcmtool.cli import app; "
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

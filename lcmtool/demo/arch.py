@@ -110,8 +110,14 @@ def build_tokenizer(folder: str | Path | None = None):
 def build_pipeline(family: str, seed: int = 0):
     """A randomly initialised demo pipeline ('sd' or 'xl'): the starting point of training, and a test fixture."""
     import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

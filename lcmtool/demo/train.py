@@ -49,6 +49,13 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def autocast(device: str):
+    """bf16 autocast on CUDA; plain fp32 on the CPU."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
 def render_dataset(n: int, seed: int, split: str = "train", style: str = "solid", two_prob: float = 0.3):
     """n seeded random scenes and their captions (rendered later, in chunks, on the training device)."""
     rng = random.Random(seed)
@@ -93,7 +100,7 @@ def train_vae(work: Path, device: str, max_seconds: float = 1e9):
     # scaling factor so that latents have unit variance, as SD's 0.18215 does for its VAE
     vae.eval()
     with torch.no_grad():
-        scenes = [world.sample_scene(rng) for _ in range(min(512, 64 * cfg["batch"]))]
+        scenes = [world.sample_scene(rng) for _ in range(min(512, cfg["pool"]))]
         x = world.render(scenes, device)
         z = vae.encode(x).latent_dist.mode()
         rec = vae.decode(z).sample
@@ -151,7 +158,8 @@ def train_teacher(family: str, out: Path, work: Path, device: str, max_seconds: 
     tok = pipe.tokenizer
     log(f"{family}: rendering + encoding {cfg['n_scenes']} scenes")
     latents, ids = cache_latents(pipe.vae, render_dataset(cfg["n_scenes"], cfg["seed"]), tok, device)
-    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
+    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length,
+                    return_tensors="pt").input_ids.to(device)
     noise_sched = DDPMScheduler.from_config(arch.SD15_SCHEDULER)
     acp = noise_sched.alphas_cumprod.to(device)
     unet = pipe.unet
@@ -166,10 +174,10 @@ def train_teacher(family: str, out: Path, work: Path, device: str, max_seconds: 
         te.train()
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
     losses, t0 = [], time.time()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    amp = autocast(device)
     n = latents.shape[0]
     total = cfg["steps"]
-    step = 0
+    step, t40 = 0, t0
     while step < total:
         if step == 40 and device.startswith("cuda"):
             # fit the schedule to the time budget: the cosine decay must reach its end, not be cut off
@@ -254,7 +262,7 @@ def train_style(family: str, style: str, out: Path, device: str, max_seconds: fl
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    amp = autocast(device)
     losses, t0 = [], time.time()
     for step in range(cfg["steps"]):
         idx = torch.randint(0, latents.shape[0], (cfg["batch"],), device=device, generator=g)
@@ -288,7 +296,8 @@ def train_style(family: str, style: str, out: Path, device: str, max_seconds: fl
     save_file(sd, str(path), metadata={"format": "pt", "lcmtool.kind": "style-lora", "lcmtool.style": style,
                                         "lcmtool.trigger": world.STYLES[style], "lcmtool.base": f"demo:{family}",
                                         "lcmtool.rank": str(cfg["rank"]), "lcmtool.steps": str(step + 1)})
-    line_chart({f"{style} LoRA loss": losses}, out / f"style-{style}-demo-{family}.loss.png", title=f"style LoRA {style}")
+    line_chart({f"{style} LoRA loss": losses}, out / f"style-{style}-demo-{family}.loss.png",
+               title=f"style LoRA {style}")
     info = dict(steps=step + 1, seconds=round(time.time() - t0, 1), final_loss=losses[-1])
     log(f"style {style} {family} done: {info}")
     return info
@@ -315,7 +324,8 @@ def main(argv=None):
     if a.quick:
         for r in RECIPE.values():
             r.update(steps=3, batch=8, **{k: 64 for k in ("n_scenes", "pool") if k in r})
-    stages = [a.stage] if a.stage != "all" else ["vae", "teacher-sd", "teacher-xl", "style-sd", "style-xl", "lcm-sd", "lcm-xl"]
+    all_stages = ["vae", "teacher-sd", "teacher-xl", "style-sd", "style-xl", "lcm-sd", "lcm-xl"]
+    stages = [a.stage] if a.stage != "all" else all_stages
     for st in stages:
         if st == "vae":
             train_vae(work, dev, a.max_seconds)

@@ -39,6 +39,8 @@ SchedulerName = Literal["lcm", "dpmpp", "ddim", "euler", "tcd"]
 @dataclass
 class SampleConfig:
     model: str = "demo:sd"                # demo:sd | demo:xl | diffusers folder | .safetensors/.ckpt | hub id
+    model_config: Optional[str] = None    # single files: a diffusers config folder (default: configs/presets)
+    tokenizer: Optional[str] = None       # single files: a tokenizer folder (default: config folder's, or CLIP's)
     prompt: Optional[str] = None          # one prompt
     prompts: Optional[str] = None         # file: a prompt a line, or JSONL {prompt, seed, negative_prompt}; - = stdin
     negative_prompt: str = ""             # used only at guidance > 1
@@ -66,6 +68,8 @@ DEFAULT_RUNS = ["lcm:1", "lcm:2", "lcm:4", "lcm:8", "dpmpp:4", "dpmpp:8", "dpmpp
 @dataclass
 class CompareConfig:
     model: str = "demo:sd"
+    model_config: Optional[str] = None    # as in SampleConfig
+    tokenizer: Optional[str] = None
     prompt: Optional[str] = None
     prompts: Optional[str] = None
     negative_prompt: str = ""
@@ -214,7 +218,7 @@ def check_guidance(scheduler: str, guidance: float | None, negatives: bool, step
 
 # ---- model, LoRAs ----
 
-def load(model: str, device: str, dtype: str):
+def load(model: str, device: str, dtype: str, model_config: str | None = None, tokenizer: str | None = None):
     import torch
 
     from lcmtool.models import load_pipeline, resolve_device, resolve_dtype
@@ -222,7 +226,7 @@ def load(model: str, device: str, dtype: str):
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
-    pipe, family = load_pipeline(model, dt, dev)
+    pipe, family = load_pipeline(model, dt, dev, config_dir=model_config, tokenizer=tokenizer)
     torch.set_grad_enabled(False)
     return pipe, family, dev, (time.perf_counter() - t0) * 1000
 
@@ -334,7 +338,7 @@ def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, pr
     if loras is None:
         loras = default_loras(cfg.model, cfg.scheduler)
 
-    pipe, family, device, load_ms = load(cfg.model, cfg.device, cfg.dtype)
+    pipe, family, device, load_ms = load(cfg.model, cfg.device, cfg.dtype, cfg.model_config, cfg.tokenizer)
     base_config = dict(pipe.scheduler.config)
     height, width = image_size(pipe, cfg.height, cfg.width)
     lora_meta = apply_loras(pipe, family, cfg.model, loras, cfg.fuse)
@@ -432,7 +436,7 @@ def compare(cfg: CompareConfig) -> dict:
     if out.suffix.lower() != ".png":
         raise LcmError(f"--out for compare is the grid's PNG path, got {cfg.out}")
 
-    pipe, family, device, _ = load(cfg.model, cfg.device, cfg.dtype)
+    pipe, family, device, _ = load(cfg.model, cfg.device, cfg.dtype, cfg.model_config, cfg.tokenizer)
     base_config = dict(pipe.scheduler.config)
     height, width = image_size(pipe, cfg.height, cfg.width)
     if loras:  # fail on a bad LoRA before any sampling

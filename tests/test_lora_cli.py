@@ -121,3 +121,18 @@ def test_bad_inputs_exit_2_one_line_no_output(pair):
     _bad(d, ["merge", "--style", d / "clash.safetensors", "--lcm", good], "shape conflict in module")
     _bad(d, ["merge", "--style", good, "--lcm", good, "--lambda1", "abc"], "lambda1")
     _bad(d, ["merge", "--add", f"{good}:x"], "must be a number")
+
+
+def test_resolved_config_written_beside_merge_output(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from lcmtool.cli import app
+    from lcmtool.models import ASSETS
+
+    out = tmp_path / "m.safetensors"
+    r = CliRunner().invoke(app, ["merge", "--style", str(ASSETS / "style-outline-demo-sd.safetensors"),
+                                 "--lambda1", "0.5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    cfg = yaml.safe_load((tmp_path / "m.yaml").read_text())
+    assert cfg["lambda1"] in (0.5, "0.5") and cfg["method"] == "concat" and cfg["out"] == str(out)

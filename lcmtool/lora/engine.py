@@ -12,8 +12,10 @@ from typing import Literal, Optional
 import torch
 
 from lcmtool import __version__
+from lcmtool.config import write_resolved
 from lcmtool.errors import LcmError
 from lcmtool.fileio import sha256_file
+from lcmtool.lora import formats
 from lcmtool.lora import merge as M
 from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, load_lora, save_lora
 
@@ -30,11 +32,12 @@ class MergeConfig:
     method: Literal["concat", "svd", "fuse"] = "concat"  # concat is exact; svd truncates to `rank`
     rank: Optional[int] = None  # svd output rank
     model: Optional[str] = "demo:sd"  # base model (family for the LCM-LoRA default; fuse target)
-    format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = "kohya"  # output key format
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto = the inputs' dtype
+    # output: LoRA key format for concat / svd (auto = kohya); fuse: diffusers folder (auto) or single-file
+    format: Literal["auto", "kohya", "kohya-sgm", "diffusers", "peft", "single-file"] = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto = the inputs' dtype (fuse: the base model's)
     lambda1_blocks: dict = dataclasses.field(default_factory=dict)  # e.g. {up: 0.8}: per-block lambda1
     lambda2_blocks: dict = dataclasses.field(default_factory=dict)  # e.g. {down: 1.0, mid: 1.0, up: 0.8}
-    out: Optional[str] = None  # output .safetensors
+    out: Optional[str] = None  # output .safetensors (fuse: a diffusers folder or a single-file .safetensors)
 
 
 @dataclasses.dataclass
@@ -145,14 +148,22 @@ def default_lcm(model: str | None) -> str:
 
 
 def run_merge(cfg: MergeConfig) -> dict:
-    """tau'_LCM = lambda1 * tau_style + lambda2 * tau_LCM (+ sum w_i tau_i), written as one LoRA file."""
+    """tau'_LCM = lambda1 * tau_style + lambda2 * tau_LCM (+ sum w_i tau_i), written as one LoRA file (concat /
+    svd) or baked into the base model's weights (fuse)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     # 1. validate the request before reading anything big
-    if cfg.method == "fuse":
-        raise LcmError("--method fuse is not built yet; merge to a LoRA file and fuse it when sampling")
+    if cfg.method not in ("concat", "svd", "fuse"):
+        raise LcmError(f"unknown --method '{cfg.method}' (concat | svd | fuse)")
     if not cfg.out:
         raise LcmError("--out is required")
     if cfg.method == "svd" and cfg.rank is None:
         raise LcmError("--method svd needs --rank R")
+    fmt = _output_format(cfg)
+    if cfg.method == "fuse" and not cfg.model:
+        raise LcmError("--method fuse needs --model (the base model to bake the LoRAs into)")
+    if cfg.method == "fuse" and fmt == "diffusers":
+        _check_folder_out(Path(cfg.out))
     lam1 = _number(cfg.lambda1, "--lambda1")
     lam2 = _number(cfg.lambda2, "--lambda2")
     b1, b2 = block_lambdas(cfg.lambda1_blocks, "lambda1_blocks"), block_lambdas(cfg.lambda2_blocks, "lambda2_blocks")
@@ -170,50 +181,187 @@ def run_merge(cfg: MergeConfig) -> dict:
     if any(Path(p).resolve() == out.resolve() for _, p, _, _ in specs):
         raise LcmError(f"--out {out} is one of the inputs")
     # 2. read every input into the canonical form; families must agree
-    inputs = [load_lora(p) for _, p, _, _ in specs]
+    inputs = [load_lora(p, lazy=True) for _, p, _, _ in specs]
     family = _family(inputs)
-    # 3. per-module terms (module path -> [(module, lambda)]), per-block lambdas applied
+    summaries = [summarize(lf) for lf in inputs]
+    seen = Counter(p for lf in inputs for p in lf.modules)
+    only = {lf.path: sum(1 for p in lf.modules if seen[p] == 1) for lf in inputs}
+    # 3. per-module terms (module path -> [(module, lambda)]), per-block lambdas applied; from here the terms hold
+    #    the only references to the input factors, so each module's inputs are freed once it is merged
     terms: dict[str, list[M.Term]] = {}
     for (_, _, w, blocks), lf in zip(specs, inputs, strict=True):
         for p, m in lf.modules.items():
             terms.setdefault(p, []).append((m, _lambda_for(p, w, blocks) if blocks else w))
-    # 4. merge each module (fp32 math, stored in the output dtype)
-    dtype = _out_dtype(cfg.dtype, inputs)
-    merged: dict[str, LoraModule] = {}
-    errs: dict[str, float] = {}
-    for p, ts in terms.items():
-        if cfg.method == "concat":
-            m = M.concat(p, ts)
-        elif cfg.method == "svd":
-            m, errs[p] = M.svd(p, ts, cfg.rank)
-        else:
-            raise LcmError(f"unknown method {cfg.method}")
-        if m is not None:  # cast now: holding every merged module in fp32 would double the peak memory
-            merged[p] = LoraModule(A=m.A.to(dtype), B=m.B.to(dtype), alpha=m.alpha)
+        lf.modules = {}
+    n_terms = len(terms)
+    # 4. merge each module (fp32 math, stored in the output dtype; fuse keeps fp32 for the weights), hashing the
+    #    inputs for the record in a background thread meanwhile
+    dtype = _out_dtype(cfg.dtype, inputs) if cfg.method != "fuse" else None
+    with ThreadPoolExecutor(1) as ex:
+        hashes = ex.submit(lambda: [sha256_file(p) for _, p, _, _ in specs])
+        merged, errs = M.merge_modules(terms, "svd" if cfg.method == "svd" else "concat", cfg.rank, dtype)
+        sha = hashes.result()
     # 5. write with metadata saying how it was made
     record = {"version": __version__, "command": "merge", "method": cfg.method, "rank": cfg.rank,
               "lambda1": lam1, "lambda2": lam2, "lambda1_blocks": b1, "lambda2_blocks": b2,
-              "inputs": [{"role": role, "path": str(p), "sha256": sha256_file(p), "weight": w}
-                         for role, p, w, _ in specs]}
+              "inputs": [{"role": role, "path": str(p), "sha256": h, "weight": w}
+                         for (role, p, w, _), h in zip(specs, sha, strict=True)]}
+    inputs_rep = [dict(sm, role=role, weight=w) for (role, _, w, _), sm in zip(specs, summaries, strict=True)]
+    if cfg.method == "fuse":
+        record["model"] = cfg.model
+        rep = _fuse(cfg, fmt, merged, family, record)
+        write_resolved(cfg, Path(cfg.out).with_suffix(".yaml"))
+        rep.update(inputs=inputs_rep, only_in_one_input=only, dropped_zero_weight=n_terms - len(merged))
+        return rep
     md = base_metadata(family, title=out.stem, extra={"modelspec.merged_from": ", ".join(
         Path(p).name for _, p, _, _ in specs), "lcmtool": record})
-    save_lora(merged, out, format=cfg.format, family=family, metadata=md, dtype=dtype)
+    save_lora(merged, out, format=fmt, family=family, metadata=md, dtype=dtype)
+    write_resolved(cfg, out.with_suffix(".yaml"))
     # 6. report
-    seen = Counter(p for lf in inputs for p in lf.modules)
-    only = {lf.path: sum(1 for p in lf.modules if seen[p] == 1) for lf in inputs}
     ranks = [m.rank for m in merged.values()]
-    rep = {"out": str(out), "format": cfg.format, "method": cfg.method, "family": family,
+    rep = {"out": str(out), "format": fmt, "method": cfg.method, "family": family,
            "dtype": str(dtype).replace("torch.", ""), "modules": len(merged),
            "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0),
-           "inputs": [dict(summarize(lf), role=role, weight=w)
-                      for (role, _, w, _), lf in zip(specs, inputs, strict=True)],
-           "only_in_one_input": only, "dropped_zero_weight": len(terms) - len(merged)}
+           "inputs": inputs_rep, "only_in_one_input": only, "dropped_zero_weight": n_terms - len(merged)}
     if cfg.method == "svd":
         vals = list(errs.values())
         worst = max(errs, key=errs.get) if errs else None
         rep["svd_rel_error"] = {"max": max(vals, default=0.0), "mean": sum(vals) / len(vals) if vals else 0.0,
                                 "worst_module": worst}
     return rep
+
+
+def _output_format(cfg: MergeConfig) -> str:
+    """`--format` resolved per method: LoRA key formats for concat / svd, diffusers folder / single file for fuse."""
+    fmt = cfg.format
+    if cfg.method == "fuse":
+        fmt = "diffusers" if fmt in ("auto", None) else fmt
+        if fmt not in ("diffusers", "single-file"):
+            raise LcmError(f"--method fuse writes a model: --format diffusers (a folder) or single-file, not {fmt}")
+        return fmt
+    fmt = "kohya" if fmt in ("auto", None) else fmt
+    if fmt not in formats.WRITE_FORMATS:
+        raise LcmError(f"--format {fmt} is not a LoRA format (choose one of {', '.join(formats.WRITE_FORMATS)};"
+                       " single-file is for --method fuse)")
+    return fmt
+
+
+def _stored_dtype(model: str) -> torch.dtype:
+    """The dtype the base model's UNet weights are stored in (fp32 when that cannot be read cheaply)."""
+    from safetensors import safe_open
+
+    from lcmtool.models import resolve_model
+
+    ref = resolve_model(model)
+    if ref.kind in ("demo", "folder"):
+        files = sorted((Path(ref.location) / "unet").glob("*.safetensors"))
+    elif ref.kind == "single-file" and ref.location.endswith(".safetensors"):
+        files = [Path(ref.location)]
+    else:
+        files = []
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                if "diffusion_model" in k or ref.kind != "single-file":
+                    dt = h.get_slice(k).get_dtype()
+                    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(dt, torch.float32)
+    return torch.float32
+
+
+def _fuse(cfg: MergeConfig, fmt: str, merged: dict[str, LoraModule], family: str | None, record: dict) -> dict:
+    """theta = theta_pre + tau'_LCM: load the base in fp32, add every merged delta, write a diffusers folder or
+    a single-file checkpoint (atomically) in the base's stored dtype unless --dtype says otherwise."""
+    from lcmtool.models import load_pipeline
+
+    dtype = _stored_dtype(cfg.model) if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+    pipe, model_family = load_pipeline(cfg.model, dtype=torch.float32, device="cpu")
+    if family and family != model_family and {family, model_family} != {"sdxl", "ssd1b"}:
+        raise LcmError(f"the LoRAs are for {family} but --model {cfg.model} is {model_family}")
+    lora = LoraFile(modules=merged, family=family)
+    n = 0
+    with torch.no_grad():
+        n += M.fuse_into_module(pipe.unet, [(lora, 1.0)])
+        for te in ("text_encoder", "text_encoder_2"):
+            if any(p.startswith(te + ".") for p in merged):
+                if getattr(pipe, te, None) is None:
+                    raise LcmError(f"the LoRAs change {te} but --model {cfg.model} has none")
+                n += M.fuse_into_module(getattr(pipe, te), [(lora, 1.0)], prefix=te + ".")
+    pipe.to(dtype)
+    out = Path(cfg.out)
+    if fmt == "diffusers":
+        _save_folder_atomic(pipe, out, record)
+    else:
+        _save_single_file(pipe, out, family or model_family, record)
+    return {"out": str(out), "format": fmt, "method": "fuse", "model": cfg.model, "family": model_family,
+            "dtype": str(dtype).replace("torch.", ""), "modules": n}
+
+
+def _save_folder_atomic(pipe, out: Path, record: dict) -> None:
+    """save_pretrained into a temp folder beside `out`, then rename it into place (an old pipeline folder at
+    `out` is swapped out and removed only after the new one is in place)."""
+    import os
+    import shutil
+    import tempfile
+
+    from lcmtool.fileio import atomic_write_json
+
+    _check_folder_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = None
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        atomic_write_json(tmp / "lcmtool_merge.json", record)
+        umask = _umask()
+        for f in tmp.rglob("*"):  # durable before the rename; the permissions open() would give (not 0600)
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(f, 0o666 & ~umask)
+            elif f.is_dir():
+                os.chmod(f, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('.', 1)[-1]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_folder_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and ((out / "model_index.json").is_file() or not any(out.iterdir()))):
+        raise LcmError(f"--out {out} exists and is not a diffusers pipeline folder; not overwriting it")
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def _save_single_file(pipe, out: Path, family: str, record: dict) -> None:
+    """One LDM / SGM-named checkpoint (what A1111 and ComfyUI load), through lcmtool.models_convert."""
+    from safetensors.torch import save_file
+
+    from lcmtool.fileio import atomic_path
+
+    try:
+        from lcmtool.models_convert import to_single_file
+    except ImportError:
+        raise LcmError("--format single-file needs lcmtool.models_convert, which this install lacks; "
+                       "write a diffusers folder instead") from None
+    sd = to_single_file(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    md = base_metadata(family, title=out.stem, extra={"lcmtool": record})
+    md["modelspec.architecture"] = md.get("modelspec.architecture", "").removesuffix("/lora")
+    with atomic_path(out) as tmp:
+        save_file(sd, str(tmp), metadata=md)
 
 
 def _frob(m: LoraModule) -> float:
@@ -249,5 +397,6 @@ def run_convert(cfg: ConvertConfig) -> dict:
     md.setdefault("modelspec.sai_model_spec", "1.0.0")
     md.update({k: v for k, v in base_metadata(lf.family, Path(cfg.out).stem).items() if k not in md})
     save_lora(lf.modules, cfg.out, format=cfg.format, family=lf.family, metadata=md, dtype=dtype)
+    write_resolved(cfg, Path(cfg.out).with_suffix(".yaml"))
     return {"out": cfg.out, "from_format": lf.format, "format": cfg.format, "family": lf.family,
             "modules": len(lf.modules), "dtype": str(dtype).replace("torch.", "")}

@@ -36,6 +36,16 @@ class LoraModule:
     A: torch.Tensor
     B: torch.Tensor
     alpha: float
+    # lazy modules (load_lora(lazy=True)): A and B are meta tensors (shape and dtype only) and the factors are read
+    # from (reader, down key, up key) when the math needs them, so a merge never holds every input in memory
+    source: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def loaded(self) -> LoraModule:
+        """This module with real factors (itself when it is not lazy)."""
+        if self.source is None:
+            return self
+        reader, down, up = self.source
+        return LoraModule(A=reader.get(down), B=reader.get(up), alpha=self.alpha)
 
     @property
     def rank(self) -> int:
@@ -52,8 +62,9 @@ class LoraModule:
 
     def delta(self) -> torch.Tensor:
         """(alpha / r) * B @ A in the base weight's shape, fp32; conv factors are flattened to matrices first."""
-        a = self.A.float().reshape(self.rank, -1)
-        b = self.B.float().reshape(self.B.shape[0], self.rank)
+        m = self.loaded()
+        a = m.A.float().reshape(self.rank, -1)
+        b = m.B.float().reshape(m.B.shape[0], self.rank)
         return (self.scale * (b @ a)).reshape(self.out_shape)
 
 
@@ -84,19 +95,72 @@ def _alpha_value(t: torch.Tensor, key: str) -> float:
     return v
 
 
-def _read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
-    p = Path(path)
-    if not p.is_file():
-        raise LcmError(f"LoRA file not found: {p}")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LcmError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-    return tensors, meta
+
+class SafetensorsReader:
+    """The tensors of one safetensors file, read on demand with pread straight into each tensor's own memory.
+
+    safe_open validates the file (header, offsets, size); reading then needs no mmap (whose touched pages count
+    in the resident set while the file is open) and no intermediate copy. Thread-safe: every read is a pread.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LcmError(f"LoRA file not found: {self.path}")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self.metadata = dict(f.metadata() or {})
+                keys = list(f.keys())
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LcmError(f"{self.path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        self._base = 8 + n
+        self._entries = {k: header[k] for k in keys}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._entries[key]["shape"])
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor of the stored shape and dtype (no data)."""
+        e = self._entries[key]
+        return torch.empty(e["shape"], dtype=_ST_DTYPES.get(e["dtype"], torch.float32), device="meta")
+
+    def get(self, key: str) -> torch.Tensor:
+        e = self._entries[key]
+        dtype = _ST_DTYPES.get(e["dtype"])
+        if dtype is None:  # fp8 and other rare dtypes: let safetensors decode them
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(key)
+        t = torch.empty(e["shape"], dtype=dtype)
+        begin, end = e["data_offsets"]
+        if t.numel():
+            buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+            if len(buf) != end - begin:
+                raise LcmError(f"{self.path}: tensor '{key}' has {end - begin} bytes for shape {e['shape']}")
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                got = 0
+                while got < len(buf):
+                    k = os.preadv(fd, [buf[got:]], self._base + begin + got)
+                    if k <= 0:
+                        raise LcmError(f"{self.path}: truncated while reading '{key}'")
+                    got += k
+            finally:
+                os.close(fd)
+        return t
 
 
 def _peft_alphas(cfg: dict, ranks: dict[str, int]) -> dict[str, float]:
@@ -135,15 +199,20 @@ def guess_family(modules: dict[str, LoraModule]) -> str | None:
     return None
 
 
-def load_lora(path: str | os.PathLike, family: str | None = None) -> LoraFile:
-    """Read a LoRA safetensors file in any supported format into the canonical form."""
-    tensors, meta = _read_safetensors(path)
-    if not tensors:
+def load_lora(path: str | os.PathLike, family: str | None = None, lazy: bool = False) -> LoraFile:
+    """Read a LoRA safetensors file in any supported format into the canonical form.
+
+    lazy: keep only shapes and dtypes now (meta tensors) and read each module's factors when the math asks for
+    them (`LoraModule.loaded`, which `delta` and the merge functions call), so merging streams the inputs.
+    """
+    reader = SafetensorsReader(path)
+    meta, keys = reader.metadata, reader.keys()
+    if not keys:
         raise LcmError(f"{path}: empty safetensors file, not a LoRA")
-    fmt = formats.detect(tensors)
-    groups = formats.split_keys(tensors, fmt)
+    fmt = formats.detect(keys)
+    groups = formats.split_keys(keys, fmt)
     if fmt == "kohya-sgm" and family is None:
-        ctx = [tensors[g["down"]].shape[1] for n, g in groups.items() if n.endswith("attn2_to_k")]
+        ctx = [reader.shape(g["down"])[1] for n, g in groups.items() if n.endswith("attn2_to_k")]
         family = "sd15" if ctx and ctx[0] == 768 else "sdxl"
     unet_config = unet_preset(family) if fmt == "kohya-sgm" else None
     modules: dict[str, LoraModule] = {}
@@ -152,14 +221,15 @@ def load_lora(path: str | os.PathLike, family: str | None = None) -> LoraFile:
         canon = formats.to_canonical(raw, fmt, unet_config)
         if canon in modules:
             raise LcmError(f"{path}: module '{canon}' appears twice (as '{raw}')")
-        A, B = tensors[g["down"]], tensors[g["up"]]
+        A, B = (reader.meta(g["down"]), reader.meta(g["up"])) if lazy else (reader.get(g["down"]), reader.get(g["up"]))
         if A.ndim not in (2, 4) or B.ndim != A.ndim or B.shape[1] != A.shape[0]:
             raise LcmError(f"{path}: module '{canon}' has factors of shapes {tuple(A.shape)} and {tuple(B.shape)}"
                            " that do not form a LoRA")
         if B.ndim == 4 and tuple(B.shape[2:]) != (1, 1):
             raise LcmError(f"{path}: module '{canon}' has a {tuple(B.shape[2:])} up kernel; only 1x1 is LoRA")
-        raw_alpha[canon] = _alpha_value(tensors[g["alpha"]], g["alpha"]) if "alpha" in g else None
-        modules[canon] = LoraModule(A=A, B=B, alpha=float(A.shape[0]))
+        raw_alpha[canon] = _alpha_value(reader.get(g["alpha"]), g["alpha"]) if "alpha" in g else None
+        modules[canon] = LoraModule(A=A, B=B, alpha=float(A.shape[0]),
+                                    source=(reader, g["down"], g["up"]) if lazy else None)
     # alphas: kohya and diffusers '.alpha' keys per module, missing = rank (scale 1, as kohya / ComfyUI / A1111)
     peft_cfg = None
     if fmt in ("diffusers", "peft") and not any(v is not None for v in raw_alpha.values()):
@@ -252,6 +322,7 @@ def save_lora(lora: LoraFile | dict[str, LoraModule], path: str | os.PathLike, f
     sd: dict[str, torch.Tensor] = {}
     for p, m in modules.items():
         stem = formats.from_canonical(p, format, family, unet_config)
+        m = m.loaded()
         a, b = m.A, m.B
         if alpha_s is None and m.scale != 1.0:  # no alpha key: bake the scale into B (fp32 then cast)
             b = b.float() * m.scale

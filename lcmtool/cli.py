@@ -323,7 +323,8 @@ def eval_(
                       ("position_acc", "position"), ("style_acc", "style")]:
         val = "n/a (no style prompts)" if res[key] is None else f"{res[key]:.3f}"
         table.add_row(key, val, f"{ref[attr]:.3f}" if attr in ref else "")
-    table.add_row("fd (FD-demo)", f"{res['fd']:.3f}", f"{res['fd_refs']} rendered refs")
+    fd = "n/a (needs 2+ images)" if res["fd"] is None else f"{res['fd']:.3f}"
+    table.add_row("fd (FD-demo)", fd, f"{res['fd_refs']} rendered refs")
     Console().print(table)
 # <<< eval
 

@@ -215,3 +215,23 @@ def test_train_classifier_deterministic(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert clf.classifier_metadata(tmp_path / "a.safetensors")["steps"] == "2"
     assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+def test_one_image_gets_accuracies_and_null_fd(tmp_path):
+    import json
+    import random
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from lcmtool.demo import world
+
+    sc = world.sample_scene(random.Random(3), two_prob=0)
+    Image.fromarray(world.to_uint8(world.render([sc]))[0].numpy()).save(tmp_path / "0.png")
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"path": "0.png", "prompt": world.caption(sc)}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "lcmtool", "eval", str(tmp_path), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["n"] == 1 and res["fd"] is None and res["shape_acc"] == 1.0 and res["color_acc"] == 1.0

@@ -142,8 +142,6 @@ def evaluate(source: str | Path, classifier: str | Path | None = None, device: s
             world.parse_caption(prompt)
         except ValueError:
             raise LcmError(f"prompt of {path} is not a demo caption: {prompt!r}") from None
-    if len(items) < 2:
-        raise LcmError(f"FD-demo needs at least 2 images, found {len(items)} in {source}")
     model = load_classifier(classifier, device=device)
     images = load_images([p for p, _ in items])
     res = metrics.score(images, [p for _, p in items], model, refs_per_prompt=refs_per_prompt)

@@ -110,6 +110,7 @@ def score(images: torch.Tensor, prompts: list[str], model, refs_per_prompt: int 
     out = {"n": len(prompts)}
     out.update(attribute_scores(clf.predict(model, images), prompts))
     ref = reference_features(model, prompts, refs_per_prompt, seed, device=str(device))
-    out["fd"] = frechet_distance(clf.features(model, images), ref)
+    # FD-demo needs a covariance: one image still gets its accuracies, and fd null
+    out["fd"] = frechet_distance(clf.features(model, images), ref) if images.shape[0] >= 2 else None
     out["fd_refs"] = ref.shape[0]
     return out

@@ -17,7 +17,7 @@ if [ "$PHASE" = 1 ]; then
   tail -n 4 "$WORK"/teacher-*.log
 else
   for s in style-sd lcm-sd lcm-xl; do
-    timed timeout 250 $T --stage $s --max-seconds 120 --distill-steps 1500 > "$WORK/$s.log" 2>&1 &
+    timed timeout 250 $T --stage $s --max-seconds 120 > "$WORK/$s.log" 2>&1 &
   done
   wait
   tail -n 6 "$WORK"/style-*.log "$WORK"/lcm-*.log

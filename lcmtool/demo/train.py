@@ -324,7 +324,7 @@ def main(argv=None):
     if a.quick:
         for r in RECIPE.values():
             r.update(steps=3, batch=8, **{k: 64 for k in ("n_scenes", "pool") if k in r})
-    all_stages = ["vae", "teacher-sd", "teacher-xl", "style-sd", "style-xl", "lcm-sd", "lcm-xl"]
+    all_stages = ["vae", "teacher-sd", "teacher-xl", "style-sd", "lcm-sd", "lcm-xl"]  # style-xl: on request
     stages = [a.stage] if a.stage != "all" else all_stages
     for st in stages:
         if st == "vae":

@@ -190,6 +190,8 @@ def test_cli_bad_inputs_exit_2(teachers, cache, tmp_path):
         assert r.exit_code == 2, (name, r.output)
         last = r.output.strip().splitlines()[-1]  # (above it: only diffusers' own loading bars)
         assert last.startswith("error:") and msg in last, (name, r.output)
+        if name in ("no images", "missing captions", "missing folder", "wrong family"):
+            assert not (tmp_path / "o").exists(), name  # nothing written before the inputs are checked
 
 
 def test_folder_with_corrupt_images_and_webdataset(teachers, cache, tmp_path):

@@ -32,7 +32,7 @@ DEMO_PROMPTS = ["a large red circle on the left", "a small blue square at the to
 class DistillConfig:
     """Defaults follow the LCM-LoRA release (diffusers train_lcm_distill_lora_*.py); see configs/distill/*.yaml."""
     name: str = "distill"               # run name: output goes to runs/<name> unless --out
-    model: str = ""                     # teacher: demo:sd, demo:xl, a diffusers folder or a hub id
+    model: str = "demo:sd"              # teacher: demo:sd (default of every command), demo:xl, a folder, a hub id
     family: Literal["auto", "sd15", "sdxl", "ssd1b"] = "auto"  # expected family; a mismatch is an error
     out: str = ""                       # output folder (default runs/<name>)
     # data
@@ -360,10 +360,6 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=use_cpu)
     device, main = accelerator.device, accelerator.is_main_process
     set_seed(cfg.seed)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, out / "config.yaml")
-
     # 2. data listing before any model loads (an empty data set is an error here)
     source = D.open_source(cfg.data, cfg.num_samples, cfg.seed)
 
@@ -371,6 +367,9 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     pipe, family, model_id = load_teacher(cfg.model)
     if cfg.family != "auto" and not (cfg.family == family or {cfg.family, family} == {"sdxl", "ssd1b"}):
         raise LcmError(f"this config is for the {cfg.family} family but {cfg.model} is {family}")
+    if main:  # the run folder appears only once its inputs have been checked
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, out / "config.yaml")
     is_xl = family in ("sdxl", "ssd1b")
     uncond = cfg.uncond if cfg.uncond != "auto" else ("zeros" if is_xl else "empty")
     unet = pipe.unet

@@ -137,7 +137,7 @@ def sample(
     if not json_:
         from rich.console import Console
 
-        ms = sum(r["batch_ms"] for r in records) / max(1, len(records))
+        ms = sum(r["ms_per_image"] for r in records) / max(1, len(records))  # batch_ms repeats per image
         Console(stderr=True, highlight=False).print(
             f"wrote {len(records)} image(s) to {cfg.out} ({ms:.0f} ms/image, model load "
             f"{records[0]['load_ms'] / 1000:.1f} s)" if records else "no images")

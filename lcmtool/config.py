@@ -36,6 +36,14 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def _scalar(raw: str) -> Any:
+    """`raw` parsed as a YAML scalar; text that is not valid YAML stays a string."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_set(items: list[str] | None) -> dict:
     """`--set a.b=3 --set c=x` -> {"a": {"b": 3}, "c": "x"}; values are parsed as YAML scalars."""
     out: dict = {}
@@ -43,14 +51,14 @@ def parse_set(items: list[str] | None) -> dict:
         if "=" not in item:
             raise LcmError(f"--set takes key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _scalar(raw)
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise LcmError(f"--set {item!r}: '{'.'.join(parts[:i + 1])}' was already set to a value, "
+                               "not a mapping")
         node[parts[-1]] = value
     return out
 
@@ -90,8 +98,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):  # "1,2,3" from a flag or --set
-            value = [v.strip() for v in value.split(",") if v.strip()]
-            value = [yaml.safe_load(v) for v in value]
+            value = [_scalar(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise LcmError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)

@@ -138,10 +138,6 @@ def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in load_checkpoint(path).items()}
 
 
-def _checkpoint_keys(path: Path) -> list[str]:
-    return list(checkpoint_shapes(path))
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

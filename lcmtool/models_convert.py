@@ -70,6 +70,7 @@ def unet_to_ldm(sd: dict, layers_per_block: int) -> dict:
 
 
 _VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+_VAE_RESNET = [("conv_shortcut", "nin_shortcut")]
 
 
 def vae_to_ldm(sd: dict, n_levels: int) -> dict:
@@ -80,15 +81,15 @@ def vae_to_ldm(sd: dict, n_levels: int) -> dict:
         if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", k):
             k2 = f"{m[1]}.norm_out.{m[2]}"
         elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
-            k2 = f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+            k2 = f"encoder.down.{m[1]}.block.{m[2]}.{_resnet(m[3], _VAE_RESNET)}"
         elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
             k2 = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
-            k2 = f"decoder.up.{n_levels - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+            k2 = f"decoder.up.{n_levels - 1 - int(m[1])}.block.{m[2]}.{_resnet(m[3], _VAE_RESNET)}"
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
             k2 = f"decoder.up.{n_levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", k):
-            k2 = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+            k2 = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet(m[3], _VAE_RESNET)}"
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", k):
             name = dict(_VAE_ATTN).get(m[2])
             if name is None:

@@ -134,3 +134,23 @@ def test_internal_error_exit_1_and_debug(monkeypatch):
     assert e.value.exit_code == 1
     with pytest.raises(RuntimeError):
         boom(debug=True)
+
+
+def test_parse_set_value_then_subkey_is_one_error_line():
+    """`--set a=1 --set a.b=2` used to crash with AttributeError (a traceback, exit 1) inside parse_set."""
+    with pytest.raises(LcmError, match="'a' was already set"):
+        parse_set(["a=1", "a.b=2"])
+    r = runner.invoke(app, ["merge", "--set", "lambda1=1", "--set", "lambda1.x=2", "--out", "x.safetensors"])
+    assert r.exit_code == 2, r.output
+    assert "lambda1" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_list_flag_item_that_is_not_yaml_stays_a_string():
+    """An item of a comma list that is not valid YAML ('[') is a typed-config error, not a YAMLError traceback."""
+
+    @dataclass
+    class L:
+        steps: list[int] = field(default_factory=list)
+
+    with pytest.raises(LcmError, match=r"steps\[1\]"):
+        resolve(L, None, {"steps": "1,["}, None)

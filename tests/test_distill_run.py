@@ -139,6 +139,9 @@ def test_resume_matches_straight_run_after_interrupt(teachers, cache, tmp_path, 
     ck = resumed / "checkpoints" / "step-0000002"
     assert json.loads((ck / "trainer_state.json").read_text())["reason"] == "interrupted"
     assert not (resumed / "lcm-lora.safetensors").exists()
+    # a checkpoint resumed with another LoRA shape is one clear error, not a crash inside copy_
+    with pytest.raises(LcmError, match="lora_rank"):
+        distill(cfg_for(teachers, cache, resumed, max_steps=4, resume="latest", lora_rank=2))
     distill(cfg_for(teachers, cache, resumed, max_steps=4, resume="latest"))
     a, b = lora_of(straight / "checkpoints" / "step-0000004"), lora_of(resumed / "checkpoints" / "step-0000004")
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

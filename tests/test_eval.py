@@ -63,6 +63,9 @@ def test_features_and_predict_shapes(model):
     assert pred["shape"].shape == (3, 5) and pred["style"].shape == (3,)
     objs, style = clf.decode(pred, 0)
     assert objs == {"left": ("circle", "yellow", "small")} and style == "solid"  # heldout_prompts()[0]
+    feats, pred1 = clf.features_and_predict(model, x)  # one pass gives both, the same
+    assert torch.equal(feats, clf.features(model, x))
+    assert all(torch.equal(pred1[k], pred[k]) for k in pred)
 
 
 def test_score_right_vs_wrong_prompts(model):
@@ -180,12 +183,14 @@ def test_cli_bad_inputs(tmp_path):
         json.dumps({"path": "00000.png", "prompt": "a huge red circle on the left"}) + "\n")
     write_pngs(tmp_path / "ok", world.heldout_prompts()[:2])
     (tmp_path / "broken.jsonl").write_text("{not json\n")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"path": "00000.png", "prompt": "caf\xe9"}\n')
     cases = {
         "missing": [str(tmp_path / "nope")],
         "empty": [str(tmp_path / "empty")],
         "noprompt": [str(tmp_path / "noprompt")],
         "bad prompt": [str(tmp_path / "bad")],
         "broken jsonl": [str(tmp_path / "broken.jsonl")],
+        "jsonl not utf-8": [str(tmp_path / "latin1.jsonl")],
         "classifier": [str(tmp_path / "ok"), "--classifier", str(tmp_path / "none.safetensors")],
         "not a classifier": [str(tmp_path / "ok"), "--classifier", str(tmp_path / "ok" / "00000.png")],
         "device": [str(tmp_path / "ok"), "--device", "tpu9"],

@@ -163,3 +163,27 @@ def test_refused_variants_and_non_lora(tmp_path):
     save_file({"conv_in.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(LcmError, match="not a LoRA"):
         load_lora(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_peft_bad_adapter_config_is_lcm_error(tmp_path, text):
+    """A broken adapter_config.json beside a peft file used to escape as a JSONDecodeError / AttributeError."""
+    g = torch.Generator().manual_seed(0)
+    stem = "base_model.model.down_blocks.0.attentions.0.proj_in"
+    save_file({f"{stem}.lora_A.weight": torch.randn(4, 32, generator=g),
+               f"{stem}.lora_B.weight": torch.randn(16, 4, generator=g)}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(LcmError, match="adapter_config.json"):
+        load_lora(tmp_path / "adapter_model.safetensors")
+
+
+def test_sgm_block_map_built_once_per_config(monkeypatch):
+    """The name maps are memoised per UNet config (they were rebuilt for every module name)."""
+    cfg = dict(unet_preset("sdxl"), _test_key="memo")  # a config no other test has memoised
+    calls = []
+    real = sgm.block_map
+    monkeypatch.setattr(sgm, "block_map", lambda c: calls.append(1) or real(c))
+    names = ["down_blocks.1.attentions.0.proj_in", "up_blocks.0.resnets.1.conv1", "mid_block.resnets.0.conv2"]
+    for n in names:
+        assert sgm.sgm_to_diffusers(sgm.diffusers_to_sgm(n, cfg), cfg) == n
+    assert len(calls) == 1

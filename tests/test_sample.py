@@ -270,3 +270,57 @@ def test_prompts_file_jsonl_and_compare_grid(demo_folders, tmp_path):
     w, h = Image.open(grid).size
     assert w > 3 * 192 and h > 2 * 192  # 3 columns x 2 rows of >= 192 px cells plus labels
     assert read_png_meta(grid)["lcmtool"]["runs"] == out["runs"]
+
+
+# ---- review fixes ----
+
+def test_read_prompts_null_negative_bad_encoding_and_seed_range(tmp_path):
+    from lcmtool.errors import LcmError
+    from lcmtool.sample.engine import read_prompts
+
+    pf = tmp_path / "p.jsonl"
+    pf.write_text(json.dumps({"prompt": PROMPT, "negative_prompt": None}) + "\n")
+    assert read_prompts(None, str(pf), "blurry", 0, 1)[0].negative_prompt == "blurry"  # not "None"
+    pf.write_bytes(b"caf\xe9 au lait\n")
+    with pytest.raises(LcmError, match="not UTF-8"):
+        read_prompts(None, str(pf), "", 0, 1)
+    with pytest.raises(LcmError, match="out of range"):
+        read_prompts(PROMPT, None, "", 2 ** 64 - 1, 2)  # image 2 would get seed 2**64
+
+
+def test_out_that_is_a_file_fails_before_loading(demo_folders, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    res = cli("sample", "--model", demo_folders["sd"], "--prompt", PROMPT, "--lora", "none", "--out", out)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "is a file" in lines[0]
+    assert out.read_text() == "not a folder"
+
+
+def test_summary_ms_per_image_and_grad_left_on(monkeypatch, demo_folders, tmp_path):
+    """The summary line averages ms per image (batch_ms is the whole batch's); sampling leaves autograd on."""
+    import lcmtool.sample.engine as engine
+
+    res = cli("sample", "--model", demo_folders["sd"], "--prompt", PROMPT, "--steps", 1, "--lora", "none",
+              "--out", tmp_path / "real")
+    assert res.exit_code == 0, res.output
+    assert torch.is_grad_enabled()
+
+    recs = [{"batch_ms": 400.0, "ms_per_image": 100.0, "load_ms": 1000.0} for _ in range(4)]
+    monkeypatch.setattr(engine, "sample", lambda cfg, **kw: recs)
+    res = cli("sample", "--prompt", PROMPT, "--out", tmp_path / "fake")
+    assert res.exit_code == 0, res.output
+    assert "(100 ms/image" in " ".join(res.stderr.split())  # rich wraps the line
+
+
+def test_compare_reads_each_lora_once(monkeypatch, demo_folders, loras, tmp_path):
+    import lcmtool.lora.io as lio
+
+    calls = []
+    real = lio.load_lora
+    monkeypatch.setattr(lio, "load_lora", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    res = cli("compare", "--model", demo_folders["sd"], "--prompt", PROMPT, "--runs", "ddim:1,lcm:1",
+              "--lora", loras["sd-kohya"], "--out", tmp_path / "g.png")
+    assert res.exit_code == 0, res.output
+    assert calls == [loras["sd-kohya"]]

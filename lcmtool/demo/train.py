@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lcmtool.demo import arch, world
+from lcmtool.fileio import atomic_path, atomic_write_text
 from lcmtool.plot import line_chart, smooth
 
 RECIPE = {
@@ -110,7 +111,7 @@ def train_vae(work: Path, device: str, max_seconds: float = 1e9):
     vae.save_pretrained(work / "vae")
     line_chart({"vae loss": smooth(losses)}, work / "vae" / "loss.png", title="VAE training loss")
     info = dict(steps=len(losses), seconds=round(time.time() - t0, 1), recon_mse=mse, scaling_factor=sf)
-    (work / "vae" / "train.json").write_text(json.dumps(info, indent=2))
+    atomic_write_text(work / "vae" / "train.json", json.dumps(info, indent=2))
     log(f"vae done: {info}")
     return info
 
@@ -235,7 +236,7 @@ def train_teacher(family: str, out: Path, work: Path, device: str, max_seconds: 
     line_chart({"loss (every 100 steps)": smooth(losses, 5)}, out / name / "loss.png", title=f"{name} teacher loss")
     info = dict(steps=step, seconds=round(time.time() - t0, 1), device=device,
                 final_loss=sum(losses[-10:]) / max(len(losses[-10:]), 1), recipe=cfg)
-    (out / name / "train.json").write_text(json.dumps(info, indent=2))
+    atomic_write_text(out / name / "train.json", json.dumps(info, indent=2))
     log(f"{family} teacher done: {info}")
     return info
 
@@ -293,9 +294,10 @@ def train_style(family: str, style: str, out: Path, device: str, max_seconds: fl
     sd = {f"unet.{k}": v.to(torch.float16).contiguous() for k, v in sd.items()}
     from safetensors.torch import save_file
 
-    save_file(sd, str(path), metadata={"format": "pt", "lcmtool.kind": "style-lora", "lcmtool.style": style,
-                                        "lcmtool.trigger": world.STYLES[style], "lcmtool.base": f"demo:{family}",
-                                        "lcmtool.rank": str(cfg["rank"]), "lcmtool.steps": str(step + 1)})
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "lcmtool.kind": "style-lora", "lcmtool.style": style,
+                                          "lcmtool.trigger": world.STYLES[style], "lcmtool.base": f"demo:{family}",
+                                          "lcmtool.rank": str(cfg["rank"]), "lcmtool.steps": str(step + 1)})
     line_chart({f"{style} LoRA loss": losses}, out / f"style-{style}-demo-{family}.loss.png",
                title=f"style LoRA {style}")
     info = dict(steps=step + 1, seconds=round(time.time() - t0, 1), final_loss=losses[-1])

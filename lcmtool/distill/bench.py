@@ -12,16 +12,14 @@ import contextlib
 import copy
 import json
 import time
-from pathlib import Path
-
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "presets"
 
 
 def _unet_config(family: str, cuda: bool) -> tuple[dict, int, int, int | None]:
     """(UNet config, latent size, text width, pooled width or None)."""
     if cuda:
-        cfg = json.loads((PRESETS / f"{'sd15' if family == 'sd15' else family}_unet.json").read_text())
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        from lcmtool.lora.io import unet_preset
+
+        cfg = unet_preset(family)
         if family == "sd15":
             return cfg, 64, cfg["cross_attention_dim"], None
         return cfg, 128, cfg["cross_attention_dim"], 1280

@@ -438,7 +438,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     if cfg.resume:
         ck = find_checkpoint(out, cfg.resume)
         state = json.loads((ck / "trainer_state.json").read_text())
-        for key in ("seed", "batch_size", "grad_accum"):
+        for key in ("seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "conv_rank", "target_modules"):
             if state["config"].get(key) != getattr(cfg, key):
                 raise LcmError(f"cannot resume {ck}: it was trained with {key}={state['config'].get(key)}, "
                                f"now {getattr(cfg, key)}")
@@ -496,6 +496,9 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                         TimeRemainingColumn(), console=console, disable=not main or not sys.stderr.isatty()
                         and os.environ.get("LCMTOOL_PROGRESS") != "1")
     task = progress.add_task("distill", total=cfg.max_steps, completed=step, loss="-", sps="-")
+    # the unconditional text embeddings are the same every step: convert them to the compute dtype once
+    uncond_embeds = dataset.text["uncond_embeds"].to(device, weight_dtype)
+    uncond_pooled = dataset.text["uncond_pooled"].to(device, weight_dtype) if is_xl else None
     unet.train()
     start_step, t_start, t_log, loss_acc, n_acc = step, time.time(), time.time(), 0.0, 0
     last_good = None
@@ -518,13 +521,13 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                     noise = torch.randn(latents.shape, generator=g).to(device)
                     index, t_start_, t_prev = index.to(device), t_start_.to(device), t_prev.to(device)
                     z_t = lcd.add_noise(latents, noise, t_start_, alphas_cumprod)
-                    uncond_e = dataset.text["uncond_embeds"].to(device, weight_dtype).expand_as(cond)
+                    uncond_e = uncond_embeds.expand_as(cond)
                     kw, kw_u = {}, {}
                     if is_xl:
                         pooled = batch["pooled_embeds"].to(device, weight_dtype)
                         time_ids = batch["geometry"].to(device, weight_dtype)
                         kw = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-                        up = dataset.text["uncond_pooled"].to(device, weight_dtype).expand_as(pooled)
+                        up = uncond_pooled.expand_as(pooled)
                         kw_u = {"added_cond_kwargs": {"text_embeds": up, "time_ids": time_ids}}
 
                     with accelerator.accumulate(unet):

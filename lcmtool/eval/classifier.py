@@ -165,9 +165,14 @@ def features(model: DemoClassifier, images: torch.Tensor) -> torch.Tensor:
 def predict(model: DemoClassifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Class indices: shape/color/size [N, 5] (positions in world.POSITION_NAMES order; shape 0 = empty,
     index lists SHAPE_CLASSES / COLOR_CLASSES / SIZE_CLASSES), style [N] (STYLE_CLASSES)."""
+    return features_and_predict(model, images)[1]
+
+
+def features_and_predict(model: DemoClassifier, images: torch.Tensor):
+    """`features` and `predict` of the same images from one pass of the model."""
     model.eval()
-    _, logits = _run(model, images)
-    return {k: v.argmax(-1) for k, v in logits.items()}
+    feats, logits = _run(model, images)
+    return feats, {k: v.argmax(-1) for k, v in logits.items()}
 
 
 def decode(pred: dict[str, torch.Tensor], i: int) -> tuple[dict[str, tuple[str, str, str]], str]:

@@ -32,7 +32,11 @@ def _resolve(raw: str, base: Path) -> Path:
 
 def read_jsonl(path: Path) -> list[tuple[Path, str]]:
     items = []
-    for no, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LcmError(f"{path} is not UTF-8 text") from None
+    for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -113,23 +117,12 @@ def load_images(paths: list[Path]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LcmError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LcmError(f"device {device!r} requested but CUDA is not available")
-    return device
-
-
 def evaluate(source: str | Path, classifier: str | Path | None = None, device: str = "cpu",
              refs_per_prompt: int | None = None) -> dict:
     """Score a folder / JSONL of generated images: metrics.score plus input and classifier facts."""
     from lcmtool.eval import metrics
     from lcmtool.eval.classifier import DEFAULT_PATH, load_classifier
+    from lcmtool.models import resolve_device
 
     if refs_per_prompt is None:
         refs_per_prompt = metrics.REFS_PER_PROMPT

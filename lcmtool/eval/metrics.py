@@ -108,9 +108,10 @@ def score(images: torch.Tensor, prompts: list[str], model, refs_per_prompt: int 
         raise LcmError(f"{images.shape[0]} images but {len(prompts)} prompts")
     device = next(model.parameters()).device
     out = {"n": len(prompts)}
-    out.update(attribute_scores(clf.predict(model, images), prompts))
+    feats, pred = clf.features_and_predict(model, images)  # one pass of the classifier for both
+    out.update(attribute_scores(pred, prompts))
     ref = reference_features(model, prompts, refs_per_prompt, seed, device=str(device))
     # FD-demo needs a covariance: one image still gets its accuracies, and fd null
-    out["fd"] = frechet_distance(clf.features(model, images), ref) if images.shape[0] >= 2 else None
+    out["fd"] = frechet_distance(feats, ref) if images.shape[0] >= 2 else None
     out["fd_refs"] = ref.shape[0]
     return out

@@ -303,7 +303,7 @@ def _save_folder_atomic(pipe, out: Path, record: dict) -> None:
     import shutil
     import tempfile
 
-    from lcmtool.fileio import atomic_write_json
+    from lcmtool.fileio import atomic_write_json, current_umask
 
     _check_folder_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +312,7 @@ def _save_folder_atomic(pipe, out: Path, record: dict) -> None:
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_json(tmp / "lcmtool_merge.json", record)
-        umask = _umask()
+        umask = current_umask()
         for f in tmp.rglob("*"):  # durable before the rename; the permissions open() would give (not 0600)
             if f.is_file():
                 with open(f, "rb+") as fh:
@@ -335,14 +335,6 @@ def _save_folder_atomic(pipe, out: Path, record: dict) -> None:
 def _check_folder_out(out: Path) -> None:
     if out.exists() and not (out.is_dir() and ((out / "model_index.json").is_file() or not any(out.iterdir()))):
         raise LcmError(f"--out {out} exists and is not a diffusers pipeline folder; not overwriting it")
-
-
-def _umask() -> int:
-    import os
-
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 def _save_single_file(pipe, out: Path, family: str, record: dict) -> None:

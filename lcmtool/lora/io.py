@@ -163,6 +163,17 @@ class SafetensorsReader:
         return t
 
 
+def _json_object(text: str, what: str) -> dict:
+    """A LoraConfig dict from JSON text; LcmError naming `what` when it is not a JSON object."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        raise LcmError(f"{what} is not JSON") from None
+    if not isinstance(obj, dict):
+        raise LcmError(f"{what} must be a JSON object (a peft LoraConfig), got {type(obj).__name__}")
+    return obj
+
+
 def _peft_alphas(cfg: dict, ranks: dict[str, int]) -> dict[str, float]:
     """Per-module alpha from a LoraConfig dict (lora_alpha, alpha_pattern, rank_pattern, use_rslora)."""
     out = {}
@@ -233,14 +244,11 @@ def load_lora(path: str | os.PathLike, family: str | None = None, lazy: bool = F
     # alphas: kohya and diffusers '.alpha' keys per module, missing = rank (scale 1, as kohya / ComfyUI / A1111)
     peft_cfg = None
     if fmt in ("diffusers", "peft") and not any(v is not None for v in raw_alpha.values()):
-        if "lora_adapter_metadata" in meta:
-            try:
-                peft_cfg = json.loads(meta["lora_adapter_metadata"])
-            except json.JSONDecodeError:
-                raise LcmError(f"{path}: lora_adapter_metadata is not JSON") from None
         side = Path(path).parent / "adapter_config.json"
-        if fmt == "peft" and peft_cfg is None and side.is_file():
-            peft_cfg = json.loads(side.read_text())
+        if "lora_adapter_metadata" in meta:
+            peft_cfg = _json_object(meta["lora_adapter_metadata"], f"{path}: lora_adapter_metadata")
+        elif fmt == "peft" and side.is_file():
+            peft_cfg = _json_object(side.read_text(errors="replace"), str(side))
     if peft_cfg is not None:
         cfg_alpha = _peft_alphas(peft_cfg, {p: m.rank for p, m in modules.items()})
         for p, m in modules.items():

@@ -72,12 +72,23 @@ def _split_block(name: str, prefixes) -> tuple[str, str] | None:
     return None
 
 
-def sgm_to_diffusers(name: str, config: dict, _cache: dict = {}) -> str:  # noqa: B006 - memo keyed by config
+_MAPS: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+
+
+def _maps(config: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(block_map(config), its inverse), built once per UNet config (callers convert one module at a time)."""
+    key = repr(sorted(config.items()))
+    if key not in _MAPS:
+        bmap = block_map(config)
+        _MAPS[key] = (bmap, {v: k for k, v in bmap.items()})
+    return _MAPS[key]
+
+
+def sgm_to_diffusers(name: str, config: dict) -> str:
     """'input_blocks.4.0.in_layers.2' -> 'down_blocks.1.resnets.0.conv1'; raises KeyError if not in this UNet."""
-    for sgm, diff in _TOP_SGM_TO_DIFFUSERS.items():
-        if name == sgm:
-            return diff
-    bmap = _cache.setdefault(repr(sorted(config.items())), block_map(config))
+    if name in _TOP_SGM_TO_DIFFUSERS:
+        return _TOP_SGM_TO_DIFFUSERS[name]
+    bmap = _maps(config)[0]
     hit = _split_block(name, bmap)
     if hit is None:
         raise KeyError(name)
@@ -96,7 +107,7 @@ def diffusers_to_sgm(name: str, config: dict) -> str:
     """Inverse of sgm_to_diffusers."""
     if name in _TOP_DIFFUSERS_TO_SGM:
         return _TOP_DIFFUSERS_TO_SGM[name]
-    inv = {v: k for k, v in block_map(config).items()}
+    inv = _maps(config)[1]
     hit = _split_block(name, inv)
     if hit is None:
         raise KeyError(name)

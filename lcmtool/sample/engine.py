@@ -125,7 +125,10 @@ def read_prompts(prompt: str | None, prompts: str | None, negative: str, seed: i
             p = Path(prompts)
             if not p.is_file():
                 raise LcmError(f"prompts file not found: {prompts}")
-            text, where = p.read_text(encoding="utf-8"), prompts
+            try:
+                text, where = p.read_text(encoding="utf-8"), prompts
+            except UnicodeDecodeError:
+                raise LcmError(f"prompts file {prompts} is not UTF-8 text") from None
         for n, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line:
@@ -140,14 +143,19 @@ def read_prompts(prompt: str | None, prompts: str | None, negative: str, seed: i
                 s = rec.get("seed", seed)
                 if isinstance(s, bool) or not isinstance(s, int):
                     raise LcmError(f"{where} line {n}: \"seed\" must be an integer")
-                entries.append((rec["prompt"], str(rec.get("negative_prompt", rec.get("negative", negative))), s))
+                neg = rec.get("negative_prompt", rec.get("negative"))  # null: the default, not "None"
+                entries.append((rec["prompt"], negative if neg is None else str(neg), s))
             else:
                 entries.append((line, negative, seed))
         if not entries:
             raise LcmError(f"prompts file {where} has no prompts")
     else:
         raise LcmError("no prompt: give --prompt TEXT or --prompts FILE")
-    return [Job(p, neg, s + k) for p, neg, s in entries for k in range(num_images)]
+    jobs = [Job(p, neg, s + k) for p, neg, s in entries for k in range(num_images)]
+    bad = next((j.seed for j in jobs if not -2 ** 63 <= j.seed < 2 ** 64), None)
+    if bad is not None:  # torch.Generator.manual_seed takes a 64-bit seed
+        raise LcmError(f"seed {bad} is out of range (a 64-bit integer)")
+    return jobs
 
 
 def parse_loras(specs: list[str]) -> list[tuple[str, float]] | None:
@@ -219,15 +227,14 @@ def check_guidance(scheduler: str, guidance: float | None, negatives: bool, step
 # ---- model, LoRAs ----
 
 def load(model: str, device: str, dtype: str, model_config: str | None = None, tokenizer: str | None = None):
-    import torch
-
+    """-> (pipe, family, device, load ms). No global grad switch: diffusers' pipeline call and the LoRA fuse
+    run under no_grad themselves, and a process-wide set_grad_enabled(False) leaked into later callers."""
     from lcmtool.models import load_pipeline, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
     pipe, family = load_pipeline(model, dt, dev, config_dir=model_config, tokenizer=tokenizer)
-    torch.set_grad_enabled(False)
     return pipe, family, dev, (time.perf_counter() - t0) * 1000
 
 
@@ -247,13 +254,9 @@ def check_fit(unet, loras: list, spec: str) -> None:
                                f"{list(m.out_shape)} weight but the model's is {list(weight.shape)}")
 
 
-def apply_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], fuse: bool) -> list[dict]:
-    """Load, check and apply LoRAs (fused by default); returns their records for the PNG metadata."""
-    if not loras:
-        return []
-    from lcmtool.fileio import sha256_file
+def check_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]]) -> list:
+    """Load the LoRA files and check their family and fit to `pipe`; -> [(LoraFile, weight)]."""
     from lcmtool.lora.io import load_lora
-    from lcmtool.lora.merge import fuse_into_unet
 
     files = [(load_lora(p), w) for p, w in loras]
     demo = spec.startswith("demo:")
@@ -261,6 +264,20 @@ def apply_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], fu
         if not demo and lf.family and family and lf.family != family:
             raise LcmError(f"LoRA {lf.path} is for {lf.family} but {spec} is {family}")
     check_fit(pipe.unet, files, spec)
+    return files
+
+
+def apply_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], fuse: bool,
+                files: list | None = None) -> list[dict]:
+    """Load, check and apply LoRAs (fused by default); returns their records for the PNG metadata.
+    `files`: what `check_loras` returned for these `loras`, so that they are not read and checked again."""
+    if not loras:
+        return []
+    from lcmtool.fileio import sha256_file
+    from lcmtool.lora.merge import fuse_into_unet
+
+    if files is None:
+        files = check_loras(pipe, family, spec, loras)
     if fuse:
         fuse_into_unet(pipe.unet, files)
     else:
@@ -337,6 +354,9 @@ def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, pr
     loras = parse_loras(cfg.lora)
     if loras is None:
         loras = default_loras(cfg.model, cfg.scheduler)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise LcmError(f"--out {cfg.out} is a file; sample writes into a folder")
 
     pipe, family, device, load_ms = load(cfg.model, cfg.device, cfg.dtype, cfg.model_config, cfg.tokenizer)
     base_config = dict(pipe.scheduler.config)
@@ -345,22 +365,22 @@ def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, pr
     set_scheduler(pipe, base_config, cfg.scheduler, steps, cfg.timestep_spacing)
     sched_cfg = pinned_config(cfg.scheduler, base_config, timestep_spacing=cfg.timestep_spacing)
 
-    out = Path(cfg.out)
     index = _next_index(out) if out.is_dir() else 0
     records: list[dict] = []
+    run_meta = dict(model=cfg.model, family=family, loras=lora_meta, fused=cfg.fuse, scheduler=cfg.scheduler,
+                    sampler=SAMPLER_NAMES[cfg.scheduler], steps=steps, guidance=guidance,
+                    gamma=cfg.gamma if cfg.scheduler == "tcd" else None, width=width, height=height,
+                    device=device, dtype=str(pipe.unet.dtype).replace("torch.", ""),
+                    scheduler_config=sched_cfg, version=__version__)
     bar = _progress(progress, len(jobs))
     for b in range(0, len(jobs), cfg.batch_size):
         batch = jobs[b:b + cfg.batch_size]
         images, ms = generate(pipe, batch, cfg.scheduler, steps, guidance, height, width, device,
                               cfg.timesteps, cfg.gamma)
+        timesteps = pipe.scheduler._host_timesteps.tolist()  # the schedule this call ran
         for job, im in zip(batch, images, strict=True):
-            meta = dict(prompt=job.prompt, negative_prompt=job.negative_prompt if guidance > 1 else "",
-                        seed=job.seed, model=cfg.model, family=family, loras=lora_meta, fused=cfg.fuse,
-                        scheduler=cfg.scheduler, sampler=SAMPLER_NAMES[cfg.scheduler], steps=steps,
-                        timesteps=list(pipe.scheduler._host_timesteps.tolist()), guidance=guidance,
-                        gamma=cfg.gamma if cfg.scheduler == "tcd" else None, width=width, height=height,
-                        device=device, dtype=str(pipe.unet.dtype).replace("torch.", ""),
-                        scheduler_config=sched_cfg, version=__version__)
+            meta = dict(run_meta, prompt=job.prompt, negative_prompt=job.negative_prompt if guidance > 1 else "",
+                        seed=job.seed, timesteps=timesteps)
             path = out / f"{index:05d}-{job.seed}.png"
             index += 1
             save_png(im, path, meta)
@@ -439,10 +459,7 @@ def compare(cfg: CompareConfig) -> dict:
     pipe, family, device, _ = load(cfg.model, cfg.device, cfg.dtype, cfg.model_config, cfg.tokenizer)
     base_config = dict(pipe.scheduler.config)
     height, width = image_size(pipe, cfg.height, cfg.width)
-    if loras:  # fail on a bad LoRA before any sampling
-        from lcmtool.lora.io import load_lora
-
-        check_fit(pipe.unet, [(load_lora(p), w) for p, w in loras], cfg.model)
+    files = check_loras(pipe, family, cfg.model, loras) if loras else None  # fail on a bad LoRA before sampling
     # warm-up: first calls pay for allocation and kernel selection, which no column should be charged
     set_scheduler(pipe, base_config, "ddim", 1, cfg.timestep_spacing)
     generate(pipe, jobs[:1], "ddim", 1, 1.0, height, width, device)
@@ -456,7 +473,7 @@ def compare(cfg: CompareConfig) -> dict:
     for i in order:
         name, steps, _ = runs[i]
         if distilled[i] and loras and not fused:
-            lora_meta = apply_loras(pipe, family, cfg.model, loras, fuse=True)
+            lora_meta = apply_loras(pipe, family, cfg.model, loras, fuse=True, files=files)
             fused = True
         set_scheduler(pipe, base_config, name, steps, cfg.timestep_spacing)
         images, ms = generate(pipe, jobs, name, steps, guid[i], height, width, device, gamma=cfg.gamma)

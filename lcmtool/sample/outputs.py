@@ -80,6 +80,7 @@ def grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels: list
     font = _font(fs)
     pad, head = 4, fs + 8
     cell_head = (fs + 6) if cell_labels else 0
+    cell_font = _font(max(10, fs - 2)) if cell_labels else None
     left = 0
     if row_labels:
         left = min(260, max(int(font.getlength(r)) for r in row_labels) + 2 * pad)
@@ -97,6 +98,6 @@ def grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels: list
         for j, im in enumerate(row):
             x = left + pad + j * (slot + pad)
             if cell_labels:
-                draw.text((x, y + 2), cell_labels[i][j], fill=(90, 90, 90), font=_font(max(10, fs - 2)))
+                draw.text((x, y + 2), cell_labels[i][j], fill=(90, 90, 90), font=cell_font)
             out.paste(im.convert("RGB").resize((cw, ch), Image.NEAREST), (x, y + cell_head))
     return out

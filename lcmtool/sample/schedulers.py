@@ -23,11 +23,11 @@ LCM_ORIGINAL_STEPS = 50
 
 # Pinned configurations. Timestep spacing of the baselines: "leading" with steps_offset 1, the values in
 # SD-1.5's and SDXL-base's shipped scheduler_config.json, so the baselines are what a diffusers user gets.
+_LCM_PINNED = dict(original_inference_steps=LCM_ORIGINAL_STEPS, timestep_scaling=10.0, clip_sample=False,
+                   set_alpha_to_one=True, steps_offset=0, thresholding=False, timestep_spacing="leading")
 PINNED = {
-    "lcm": dict(original_inference_steps=LCM_ORIGINAL_STEPS, timestep_scaling=10.0, clip_sample=False,
-                set_alpha_to_one=True, steps_offset=0, thresholding=False, timestep_spacing="leading"),
-    "tcd": dict(original_inference_steps=LCM_ORIGINAL_STEPS, timestep_scaling=10.0, clip_sample=False,
-                set_alpha_to_one=True, steps_offset=0, thresholding=False, timestep_spacing="leading"),
+    "lcm": dict(_LCM_PINNED),
+    "tcd": dict(_LCM_PINNED),  # TCD shares LCM's skipping-step schedule and consistency parametrisation
     # DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), data prediction, midpoint 2nd-order update,
     # first order at the final step (stable at few steps), sigma 0 at the end.
     "dpmpp": dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,

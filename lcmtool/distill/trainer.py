@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Literal
 
 from lcmtool.errors import LcmError
+from lcmtool.lora.synth import LCM_TARGETS  # the 14 LCM-LoRA module kinds, defined once
 
-LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+LCM_LORA_TARGETS = list(LCM_TARGETS)
 DEMO_PROMPTS = ["a large red circle on the left", "a small blue square at the top",
                 "a large white triangle in the centre",
                 "a small green cross on the right and a large red square on the left"]

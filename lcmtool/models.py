@@ -60,8 +60,8 @@ def family_of_pipeline(pipe) -> str:
     return "sdxl"
 
 
-PRESETS = Path(__file__).resolve().parent.parent / "configs" / "presets"
-# single-file family -> shipped diffusers config folder (configs/presets/<family>/; README.md there says where
+PRESETS = Path(__file__).resolve().parent / "presets"  # package data: installed and editable copies alike
+# single-file family -> shipped diffusers config folder (lcmtool/presets/<family>/; README.md there says where
 # each number comes from). CLIP's BPE merges ship once, gzipped, in clip-tokenizer/.
 SINGLE_FILE_PRESETS = {"sd15": "sd15", "sdxl": "sdxl", "ssd1b": "ssd1b"}
 CLIP_MERGES = PRESETS / "clip-tokenizer" / "merges.txt.gz"
@@ -197,7 +197,7 @@ def single_file_config_dir(family: str, tokenizer: str | Path | None = None, sha
     Base: `config_dir` (a diffusers pipeline folder; weights not needed) or the shipped preset of `family`.
     On top, whatever the checkpoint's keys and shapes tell (`shapes`) replaces the base's numbers, so the
     architecture always fits the weights. Tokenizers: `tokenizer` (a folder; one with tokenizer/ and tokenizer_2/
-    subfolders for SDXL) > the base folder's > CLIP's BPE shipped in configs/presets/clip-tokenizer/.
+    subfolders for SDXL) > the base folder's > CLIP's BPE shipped in lcmtool/presets/clip-tokenizer/.
     """
     import json
     import shutil

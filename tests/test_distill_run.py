@@ -2,9 +2,11 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,32 @@ def test_short_distill_lowers_loss_and_diffusers_loads_every_key(teachers, cache
     pipe.load_lora_weights(str(tmp_path / "lcm-lora.safetensors"), adapter_name="lcm")
     loaded = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "lcm" in m.lora_A}
     assert len(loaded) == n_modules and len(keys) == 3 * n_modules  # every key used (A, B, alpha per module)
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(teachers, cache, tmp_path):
+    """report_to tensorboard: accelerate's tracker writes <out>/tensorboard with the same losses as metrics.jsonl."""
+    pytest.importorskip("tensorboard")  # a dev dependency (pyproject), so CI runs this
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    distill(cfg_for(teachers, cache, tmp_path, max_steps=3, report_to="tensorboard"))
+    runs = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert runs, "no TensorBoard event file"
+    acc = EventAccumulator(str(runs[0].parent))
+    acc.Reload()
+    tb = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in tb] == [1, 2, 3]
+    assert [v for _, v in tb] == pytest.approx(losses(tmp_path), rel=1e-6)
+
+
+def test_tensorboard_required_but_missing_is_a_clear_error(teachers, cache, tmp_path, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    with pytest.raises(LcmError, match="tensorboard package"):
+        distill(cfg_for(teachers, cache, tmp_path / "run", report_to="tensorboard"))
+    assert not (tmp_path / "run").exists()
+    s = distill(cfg_for(teachers, cache, tmp_path / "auto", max_steps=1))  # auto: no TensorBoard, no error
+    assert s["steps"] == 1 and not (tmp_path / "auto" / "tensorboard").exists()
 
 
 def test_resume_matches_straight_run_after_interrupt(teachers, cache, tmp_path, monkeypatch):
@@ -234,3 +262,54 @@ def test_two_process_gloo_run_ends_with_identical_weights(teachers, cache, tmp_p
     assert len(lines) == 1 and lines[0]["world_size"] == 2
     sums = lines[0]["rank_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1] and sums[0][0] != 0
+
+
+def _distill_cmd(teachers, cache, out, nproc: int, port: int, *sets: str) -> list[str]:
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(port)] if nproc > 1 else [sys.executable])
+    cmd = launch + ["-m", "lcmtool", "distill", "--config", str(ROOT / "configs/distill/demo-sd.yaml"),
+                    "--model", str(teachers / "sd"), "--out", str(out), "--json"]
+    for kv in ("device=cpu", f"cache_dir={cache}", "num_samples=8", "batch_size=2", "lora_rank=4", "lora_alpha=4",
+               "conv_rank=0", "validation_steps=[1]", "validation_prompts=[a red circle]", "log_every=1",
+               "checkpoint_every=0", "validate_every=0") + sets:
+        cmd += ["--set", kv]
+    return cmd
+
+
+def _interrupt_once_running(cmd: list[str], out: Path, min_step: int = 2) -> subprocess.CompletedProcess:
+    """Start cmd in its own session, send SIGINT to the whole group (a terminal's Ctrl-C) once the run has logged
+    min_step steps, and wait for it to exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and p.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= min_step:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_writes_checkpoint_on_every_rank_layout_and_resume_finishes(teachers, cache, tmp_path, nproc):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it; torchrun forwards it once more) stops after a
+    whole step with an 'interrupted' checkpoint; --resume latest then finishes with identical weights per rank."""
+    out = tmp_path / "run"
+    r = _interrupt_once_running(_distill_cmd(teachers, cache, out, nproc, 29520 + nproc, "max_steps=100000"), out)
+    assert r.returncode != 0 and not (out / "lcm-lora.safetensors").exists(), r.stderr[-2000:]
+    if nproc == 1:
+        assert r.returncode == 130 and "interrupted at step" in r.stderr
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert ckpts, r.stderr[-3000:]
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["reason"] == "interrupted" and state["world_size"] == nproc and state["step"] >= 2
+    done = subprocess.run(_distill_cmd(teachers, cache, out, nproc, 29530 + nproc, f"max_steps={state['step'] + 1}",
+                                       "resume=latest"), capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")][-1]
+    assert summary["steps"] == state["step"] + 1 and len(set(map(tuple, summary["rank_checksums"]))) == 1

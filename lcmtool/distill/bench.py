@@ -4,7 +4,7 @@ Ours (trainer.lcd_pred_target): one UNet in memory, the teacher is the UNet with
 uncond concatenated. Reference (as the diffusers train_lcm_distill_lora_*.py scripts): a separate frozen teacher
 UNet, called twice (cond, then uncond), then the target with the student under no_grad. Both run the same
 student forward/backward and AdamW step. On CUDA: real SD-1.5 (512 px) / SDXL (1024 px) architectures with random
-weights from configs/presets; on CPU: the tiny demo architectures (the numbers then only check the plumbing).
+weights from lcmtool/presets; on CPU: the tiny demo architectures (the numbers then only check the plumbing).
 """
 from __future__ import annotations
 

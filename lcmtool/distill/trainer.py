@@ -81,6 +81,8 @@ class DistillConfig:
     validation_prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
     validation_seed: int = 1234
     log_every: int = 10
+    report_to: Literal["auto", "tensorboard", "none"] = "auto"  # metrics.jsonl always; TensorBoard (accelerate's
+    #                                     tracker, <out>/tensorboard) when installed (auto) or required (tensorboard)
     format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = "kohya"
     save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
 
@@ -237,42 +239,11 @@ def save_tau_lcm(unet, path: Path, fmt: str, family: str, dtype, metadata: dict)
 
 
 def loss_curve_png(points: list[tuple[int, float]], path: Path, title: str = "LCD loss") -> None:
-    """A loss curve drawn with PIL (no matplotlib): raw loss light, running mean dark, log-scale y."""
-    from PIL import Image, ImageDraw
+    """The logged loss against the step (log-scale y): raw and a running mean, drawn by lcmtool.plot."""
+    from lcmtool.plot import line_chart, smooth
 
-    from lcmtool.fileio import atomic_path
-
-    W, H, L, R, T, B = 640, 360, 60, 20, 30, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    d.text((L, 8), title, fill="black")
-    pts = [(s, v) for s, v in points if math.isfinite(v) and v > 0]
-    if len(pts) >= 2:
-        xs, ys = [s for s, _ in pts], [math.log10(v) for _, v in pts]
-        x0, x1 = min(xs), max(xs) or 1
-        y0, y1 = min(ys), max(ys)
-        if y1 - y0 < 1e-6:
-            y0, y1 = y0 - 0.5, y1 + 0.5
-
-        def px(s, y):
-            return (L + (s - x0) / max(x1 - x0, 1) * (W - L - R), T + (y1 - y) / (y1 - y0) * (H - T - B))
-
-        d.rectangle([L, T, W - R, H - B], outline="black")
-        for e in range(math.floor(y0), math.ceil(y1) + 1):
-            for m in (1, 2, 5):
-                y = e + math.log10(m)
-                if y0 <= y <= y1:
-                    _, yy = px(x0, y)
-                    d.line([L, yy, W - R, yy], fill=(225, 225, 225))
-                    d.text((4, yy - 6), f"{10 ** y:.2g}", fill="black")
-        d.line([px(s, y) for s, y in zip(xs, ys, strict=False)], fill=(160, 190, 235), width=1)
-        k = max(1, len(ys) // 50)
-        smooth = [sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))]
-        d.line([px(s, y) for s, y in zip(xs, smooth, strict=False)], fill=(20, 60, 160), width=2)
-        d.text((L, H - B + 6), f"step {x0}", fill="black")
-        d.text((W - R - 80, H - B + 6), f"step {x1}", fill="black")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    steps, ys = [s for s, _ in points], [v for _, v in points]
+    line_chart({"loss": ys, "running mean": smooth(ys, max(3, len(ys) // 15))}, path, title=title, x=steps)
 
 
 def validation_grid(pipe, unet, cfg: DistillConfig, path: Path, device, autocast) -> None:
@@ -309,6 +280,62 @@ def validation_grid(pipe, unet, cfg: DistillConfig, path: Path, device, autocast
             grid.paste(im.resize((cell, cell), Image.NEAREST), (c * cell, 14 + r * cell))
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training ask for a stop at the next step boundary instead of killing the step.
+
+    One process: a second Ctrl-C leaves at once (KeyboardInterrupt). Under torchrun / accelerate launch the launcher
+    forwards the terminal's signal to the workers, so each may see two: all are taken as the one request, and the
+    launcher's own kill timeout (30 s) covers a run that does not stop.
+    """
+
+    def __init__(self, single_process: bool):
+        self.single_process = single_process
+        self.requested = False
+        self.written = False
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and self.single_process:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def agreed(self, accelerator, device) -> bool:
+        """Whether any rank asked to stop (one tiny all-reduce per step when data-parallel)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        import torch
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+
+def tensorboard_tracker(report_to: str) -> str | None:
+    """accelerate's log_with for `report_to`: "tensorboard" when wanted and installed, else None."""
+    from accelerate.utils import is_tensorboard_available
+
+    if report_to == "none" or (report_to == "auto" and not is_tensorboard_available()):
+        return None
+    if not is_tensorboard_available():
+        raise LcmError("report_to: tensorboard needs the tensorboard package (pip install tensorboard), "
+                       "or set report_to: auto|none")
+    return "tensorboard"
 
 
 def find_checkpoint(out: Path, resume: str) -> Path:
@@ -357,7 +384,9 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "no" if use_cpu else "bf16"
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=use_cpu)
+    tracker = tensorboard_tracker(cfg.report_to)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=use_cpu,
+                              log_with=tracker, project_dir=str(out) if tracker else None)
     device, main = accelerator.device, accelerator.is_main_process
     set_seed(cfg.seed)
     # 2. data listing before any model loads (an empty data set is an error here)
@@ -370,6 +399,11 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     if main:  # the run folder appears only once its inputs have been checked
         out.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, out / "config.yaml")
+    if tracker:  # TensorBoard run <out>/tensorboard, with the config's scalars as its hyper-parameters
+        from lcmtool.config import to_dict
+
+        accelerator.init_trackers("tensorboard", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                         for k, v in to_dict(cfg).items()})
     is_xl = family in ("sdxl", "ssd1b")
     uncond = cfg.uncond if cfg.uncond != "auto" else ("zeros" if is_xl else "empty")
     unet = pipe.unet
@@ -445,7 +479,8 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         if state["world_size"] != accelerator.num_processes:
             raise LcmError(f"cannot resume {ck}: it ran on {state['world_size']} processes, "
                            f"now {accelerator.num_processes}")
-        blob = torch.load(ck / "training.pt", map_location=device, weights_only=True)
+        # CPU first: a DDP run on CPU tags its storages "cpu:N", which map_location=device cannot restore
+        blob = torch.load(ck / "training.pt", map_location="cpu", weights_only=True)
         with torch.no_grad():
             for p, v in zip(lora_params, blob["lora"], strict=False):
                 p.copy_(v)
@@ -472,13 +507,12 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         torch.save({"lora": [p.detach().cpu() for p in lora_params], "ema": [e.cpu() for e in ema],
                     "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict()}, tmp / "training.pt")
         from lcmtool.config import to_dict
+        from lcmtool.fileio import publish_dir
 
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, "samples_seen": step * samples_per_step, "world_size": accelerator.num_processes,
              "reason": reason, "config": to_dict(cfg)}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
         for old in sorted(ckpt_dir.glob("step-*"))[:-max(1, cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -502,7 +536,9 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     unet.train()
     start_step, t_start, t_log, loss_acc, n_acc = step, time.time(), time.time(), 0.0, 0
     last_good = None
+    stop = StopRequest(single_process=world == 1)
     try:
+        stop.install()
         with progress:
             while step < cfg.max_steps:
                 for micro in range(cfg.grad_accum):
@@ -566,6 +602,9 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                                                   "samples_per_s": sps, "samples_seen": step * samples_per_step,
                                                   "elapsed_s": now - t_start}) + "\n")
                         metrics.flush()
+                    if tracker:
+                        accelerator.log({"loss": mean, "lr": lr_sched.get_last_lr()[0], "samples_per_s": sps},
+                                        step=step)
                     progress.update(task, completed=step, loss=f"{mean:.4g}", sps=f"{sps:.0f}")
                     if main and progress.disable and (step % (cfg.log_every * 5) == 0 or step == cfg.max_steps):
                         log(f"step {step}/{cfg.max_steps} loss {mean:.4g} {sps:.0f} samples/s "
@@ -576,12 +615,23 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                 if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps and main:
                     _validate(pipe, raw_unet, cfg, out / "validation" / f"step-{step:07d}.png", device,
                               accelerator.autocast)
+                # 7.8 Ctrl-C / SIGTERM: every rank stops after the same step (the request is all-reduced), so the
+                # checkpoint's collectives line up; a killed run resumes from it with --resume latest
+                if stop.agreed(accelerator, device) and step < cfg.max_steps:
+                    stop.written = True
+                    where = checkpoint("interrupted")
+                    if main:
+                        log(f"interrupted at step {step}: checkpoint {where} (continue with --resume latest)")
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if step > start_step:
+        # an interrupt raised mid-step (second Ctrl-C, or a test): one process can still write its checkpoint;
+        # several cannot safely (the others may be inside a collective), so they leave with the last periodic one
+        if step > start_step and not stop.written and world == 1:
             where = checkpoint("interrupted")
             log(f"interrupted at step {step}: checkpoint {where} (continue with --resume latest)")
         raise
     finally:
+        stop.restore()
         if metrics:
             metrics.close()
     elapsed = time.time() - t_start

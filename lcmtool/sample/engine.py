@@ -39,7 +39,7 @@ SchedulerName = Literal["lcm", "dpmpp", "ddim", "euler", "tcd"]
 @dataclass
 class SampleConfig:
     model: str = "demo:sd"                # demo:sd | demo:xl | diffusers folder | .safetensors/.ckpt | hub id
-    model_config: Optional[str] = None    # single files: a diffusers config folder (default: configs/presets)
+    model_config: Optional[str] = None    # single files: a diffusers config folder (default: lcmtool/presets)
     tokenizer: Optional[str] = None       # single files: a tokenizer folder (default: config folder's, or CLIP's)
     prompt: Optional[str] = None          # one prompt
     prompts: Optional[str] = None         # file: a prompt a line, or JSONL {prompt, seed, negative_prompt}; - = stdin

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 L=${LCMTOOL:-.venv/bin/lcmtool}
 PY=${PYTHON:-.venv/bin/python}
 for m in sd xl; do
-  $L compare --config configs/compare.yaml --model demo:$m --prompts docs/compare-prompts.txt --num-images 1 \
+  $L compare --model demo:$m --prompts docs/compare-prompts.txt --num-images 1 \
     --out docs/compare-demo-$m.png > /dev/null
 done
 $PY - <<'PY'

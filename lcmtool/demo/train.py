@@ -339,10 +339,16 @@ def main(argv=None):
         elif st.startswith("lcm-"):
             fam = st.split("-")[1]
             run = work / f"lcm-run-{fam}"
+            # the shipped teacher is named by its spec (demo:sd), so the LoRA's metadata holds no local path
+            shipped = out.resolve() == (Path(__file__).parent / "assets").resolve()
+            teacher = f"demo:{fam}" if shipped else str(out / f"demo-{fam}")
             subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", f"configs/distill/demo-{fam}.yaml",
-                            "--model", str(out / f"demo-{fam}"), "--out", str(run), "--set", f"device={dev}"]
+                            "--model", teacher, "--out", str(run), "--set", f"device={dev}"]
                            + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
             shutil.copy(run / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
+            for art in ("loss", "validation"):  # the curve and the LCM 1/2/4/8-step grid ship beside the LoRA
+                if (run / f"{art}.png").exists():
+                    shutil.copy(run / f"{art}.png", out / f"lcm-lora-demo-{fam}.{art}.png")
 
 
 if __name__ == "__main__":

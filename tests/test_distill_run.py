@@ -288,7 +288,8 @@ def _interrupt_once_running(cmd: list[str], out: Path, min_step: int = 2) -> sub
         if m.is_file() and len(m.read_text().splitlines()) >= min_step:
             break
         time.sleep(0.2)
-    assert p.poll() is None, "the run ended before it could be interrupted"
+    if p.poll() is not None:
+        raise AssertionError(f"the run ended before it could be interrupted: {p.communicate()[1][-3000:]}")
     os.killpg(p.pid, signal.SIGINT)
     stdout, stderr = p.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)

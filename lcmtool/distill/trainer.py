@@ -629,6 +629,12 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         if step > start_step and not stop.written and world == 1:
             where = checkpoint("interrupted")
             log(f"interrupted at step {step}: checkpoint {where} (continue with --resume latest)")
+        if tracker:
+            accelerator.end_training()  # flush the TensorBoard events logged so far
+        raise
+    except Exception:
+        if tracker:
+            accelerator.end_training()
         raise
     finally:
         stop.restore()

@@ -51,8 +51,9 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Atomically put folder `tmp` in place of `final`: fsync its files and itself, rename, fsync the parent.
-    A crash leaves either the old `final` or the new one, never a half-written one."""
+    """Put folder `tmp` in place of `final`: fsync its files and itself, rename, fsync the parent. `final` is never
+    half-written: a crash leaves the old one, the new one, or (between the two renames that replace an existing
+    one) the old one set aside as `.old-<name>`."""
     import shutil
 
     tmp, final = Path(tmp), Path(final)

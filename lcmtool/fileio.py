@@ -51,16 +51,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Put folder `tmp` in place of `final`: fsync its files and itself, rename, fsync the parent. `final` is never
+    """Put folder `tmp` in place of `final`: fsync its files and itself, rename, fsync the parent; an existing
+    `final` is removed only once the new one is in place. `final` is never
     half-written: a crash leaves the old one, the new one, or (between the two renames that replace an existing
     one) the old one set aside as `.old-<name>`."""
     import shutil
 
     tmp, final = Path(tmp), Path(final)
-    for f in tmp.rglob("*"):
-        if f.is_file():
+    umask = current_umask()
+    for f in tmp.rglob("*"):  # durable before the rename, with the permissions open() / mkdir would give
+        if f.is_file():  # (mkstemp / mkdtemp make 0600 / 0700)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~umask)
+        elif f.is_dir():
+            os.chmod(f, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~umask)
     fsync_dir(tmp)
     if final.exists():
         old = final.with_name(f".old-{final.name}")

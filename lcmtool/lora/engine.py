@@ -299,37 +299,21 @@ def _fuse(cfg: MergeConfig, fmt: str, merged: dict[str, LoraModule], family: str
 def _save_folder_atomic(pipe, out: Path, record: dict) -> None:
     """save_pretrained into a temp folder beside `out`, then rename it into place (an old pipeline folder at
     `out` is swapped out and removed only after the new one is in place)."""
-    import os
     import shutil
     import tempfile
 
-    from lcmtool.fileio import atomic_write_json, current_umask
+    from lcmtool.fileio import atomic_write_json, publish_dir
 
     _check_folder_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = None
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_json(tmp / "lcmtool_merge.json", record)
-        umask = current_umask()
-        for f in tmp.rglob("*"):  # durable before the rename; the permissions open() would give (not 0600)
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.chmod(f, 0o666 & ~umask)
-            elif f.is_dir():
-                os.chmod(f, 0o777 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('.', 1)[-1]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_folder_out(out: Path) -> None:

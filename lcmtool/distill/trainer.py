@@ -294,6 +294,7 @@ class StopRequest:
         self.single_process = single_process
         self.requested = False
         self.written = False
+        self.any_rank = False  # some rank had asked as of the last all-reduced step (data-parallel runs decide on it)
         self._old: dict = {}
 
     def _handler(self, signum, frame):
@@ -315,15 +316,6 @@ class StopRequest:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
-
-    def agreed(self, accelerator, device) -> bool:
-        """Whether any rank asked to stop (one tiny all-reduce per step when data-parallel)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        import torch
-
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        return accelerator.reduce(flag, "sum").item() > 0
 
 
 def tensorboard_tracker(report_to: str) -> str | None:
@@ -574,7 +566,11 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                                                        accelerator.autocast, lora_params, ema)
                         # 7.6 loss and update
                         loss = lcd.distance(pred, target, cfg.loss, cfg.huber_c)
-                        lval = accelerator.reduce(loss.detach(), "mean").item()
+                        # one all-reduce carries the loss and the ranks' stop requests (no extra collective)
+                        lval, votes = accelerator.reduce(torch.stack(
+                            [loss.detach().float(), loss.new_tensor(stop.requested, dtype=torch.float32)]),
+                            "mean").tolist()
+                        stop.any_rank = votes > 0
                         if not math.isfinite(lval):
                             raise NonFiniteLoss(f"non-finite loss ({lval}) at step {step + 1}; stopped, last good "
                                                 f"checkpoint: {last_good or 'none'}")
@@ -617,7 +613,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                               accelerator.autocast)
                 # 7.8 Ctrl-C / SIGTERM: every rank stops after the same step (the request is all-reduced), so the
                 # checkpoint's collectives line up; a killed run resumes from it with --resume latest
-                if stop.agreed(accelerator, device) and step < cfg.max_steps:
+                if (stop.requested if world == 1 else stop.any_rank) and step < cfg.max_steps:
                     stop.written = True
                     where = checkpoint("interrupted")
                     if main:

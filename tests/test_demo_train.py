@@ -28,3 +28,41 @@ def test_quick_recipe_vae_teacher_style(tmp_path, monkeypatch):
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
     assert (out / "demo-sd" / "loss.png").stat().st_size > 0
     assert pipe.vae.config.scaling_factor == pytest.approx(info["scaling_factor"])
+
+
+def test_cache_latents_tokenizes_like_the_whole_list():
+    from lcmtool.demo import arch
+
+    tok = arch.build_tokenizer()
+    scenes, caps = train.render_dataset(200, seed=5)
+
+    class Enc:  # a stand-in VAE: only the token ids are checked here
+        config = type("C", (), {"scaling_factor": 1.0})
+
+        def encode(self, x):
+            return type("O", (), {"latent_dist": type("D", (), {"mode": lambda self: x[:, :, :8, :8]})()})()
+
+    lat, ids = train.cache_latents(Enc(), (scenes, caps), tok, "cpu", chunk=64)
+    ref = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    assert lat.shape == (200, 3, 8, 8) and len(set(caps)) < 200
+    assert torch.equal(ids, ref)
+
+
+def test_parallel_stages_run_as_subprocesses_and_failures_name_the_stage(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    out, work = tmp_path / "assets", tmp_path / "work"
+    common = ["--out", str(out), "--work", str(work), "--device", "cpu", "--quick"]
+    work.mkdir()
+    timings = {}
+    with pytest.raises(SystemExit, match="teacher-sd"):  # no VAE yet: the stage fails, its log is shown
+        train.run_parallel(["teacher-sd"], common, work, timings)
+    assert (work / "teacher-sd.log").stat().st_size > 0
+    monkeypatch.setattr(train, "RECIPE", json.loads(json.dumps(train.RECIPE)))
+    train.main(["--quick", "--stage", "vae", *common[:-1]])
+    train.run_parallel(["teacher-sd", "teacher-xl"], common, work, timings)
+    assert set(timings) == {"teacher-sd", "teacher-xl"} and all(v > 0 for v in timings.values())
+    StableDiffusionPipeline.from_pretrained(out / "demo-sd")
+    StableDiffusionXLPipeline.from_pretrained(out / "demo-xl")
+    assert json.loads((out / "demo-xl" / "train.json").read_text())["steps"] == 3

@@ -98,13 +98,13 @@ def build_tokenizer(folder: str | Path | None = None):
             new_words.append(tuple(out))
         words = new_words
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder or tempfile.mkdtemp(prefix="lcmtool-tok-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS,
-                        pad_token="<|endoftext|>")
-    return tok
+    with tempfile.TemporaryDirectory(prefix="lcmtool-tok-") as tmp:  # CLIPTokenizer reads its files at init
+        folder = Path(folder or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS,
+                             pad_token="<|endoftext|>")
 
 
 def build_pipeline(family: str, seed: int = 0):

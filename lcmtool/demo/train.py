@@ -1,10 +1,12 @@
 """The demo world's training recipe: VAE -> SD-family and SDXL-family teachers -> style LoRAs.
 
-`python -m lcmtool.demo.train --stage all --out lcmtool/demo/assets` (what `make demo-models` runs).
-Every stage is seeded; steps and batch sizes live in RECIPE below. Loss curves are saved as PNG beside
-the weights. On a GPU the whole recipe takes minutes; on our 2-core CPU it is far too slow (see README).
+`python -m lcmtool.demo.train --stage all --out lcmtool/demo/assets` (what `make demo-models` runs): the VAE,
+then both teachers, then the style LoRAs and both LCM-LoRAs; on CUDA the stages of each wave run as parallel
+processes (logs in --work). Every stage is seeded; steps and batch sizes live in RECIPE below. Loss curves are
+saved as PNG beside the weights. On one H200 the VAE and teachers take about 6 minutes and the three last
+stages (run in parallel) about 5 more; on our 2-core CPU the teachers are far too slow (see README).
 The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-*.yaml` on the
-teachers written here (the `lcm` stage runs it).
+teachers written here (the `lcm` stage runs it; alone it takes 28-41 minutes on the 2-core CPU).
 """
 from __future__ import annotations
 
@@ -27,10 +29,13 @@ from lcmtool.plot import line_chart, smooth
 
 RECIPE = {
     # VAE: pixel L1 + MSE for colour fidelity, tiny KL as in SD's VAE (kl weight 1e-6)
-    "vae": dict(steps=3000, batch=128, lr=1e-3, kl=1e-6, pool=40_000, seed=1),
-    # teachers: UNet + text encoder(s) from scratch on cached latents; 10% caption dropout for CFG
-    "teacher": dict(steps=7000, batch=512, lr=4e-4, te_lr=2e-4, warmup=300, ema=0.999, drop=0.1,
-                    n_scenes=120_000, seed=2),
+    "vae": dict(steps=2400, batch=128, lr=1e-3, kl=1e-6, pool=40_000, seed=1),
+    # teachers: UNet + text encoder(s) from scratch on cached latents; 10% caption dropout for CFG. The tiny UNets
+    # are launch-bound on a GPU up to large batches (0.47 GFLOP per sample, forward + backward), so the recipe takes
+    # few large steps: 1800 x 2048 = 3.7M samples (the first teachers had 2600 x 512 = 1.3M). EMA 0.995: a ~200-step
+    # horizon, so the averaged weights hold no early, undertrained steps of so short a run.
+    "teacher": dict(steps=1800, batch=2048, lr=4e-4, te_lr=2e-4, warmup=200, ema=0.995, drop=0.1,
+                    n_scenes=240_000, seed=2),
     # style LoRAs: plain diffusion loss on styled renders, LoRA on the frozen teacher UNet
     "style": dict(steps=800, batch=256, lr=1e-3, rank=4, n_scenes=30_000, seed=3),
 }
@@ -143,8 +148,11 @@ def cache_latents(vae, captions_scenes, tok, device, chunk: int = 1024):
         for i in range(0, len(scenes), chunk):
             x = world.render(scenes[i:i + chunk], device)
             lat.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
-    ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(device)
+    uniq = sorted(set(caps))  # a few thousand distinct captions: tokenize each once
+    ids_u = tok(uniq, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids
+    where = {c: i for i, c in enumerate(uniq)}
+    ids = ids_u[torch.tensor([where[c] for c in caps], dtype=torch.long)].to(device)
     return torch.cat(lat), ids
 
 
@@ -305,17 +313,70 @@ def train_style(family: str, style: str, out: Path, device: str, max_seconds: fl
     return info
 
 
+def run_parallel(stages: list[str], common: list[str], work: Path, timings: dict) -> None:
+    """Independent stages as concurrent subprocesses: the tiny models are launch-bound, so one GPU runs
+    several at once at nearly full speed each. Each stage logs to WORK/<stage>.log."""
+    procs = {}
+    for st in stages:
+        logf = open(work / f"{st}.log", "w")
+        cmd = [sys.executable, "-m", "lcmtool.demo.train", "--stage", st, *common]
+        procs[st] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf, time.time())
+    log(f"running {', '.join(stages)} in parallel (logs in {work})")
+    failed = []
+    for st, (proc, logf, t) in procs.items():
+        rc = proc.wait()
+        logf.close()
+        timings[st] = round(time.time() - t, 1)
+        log(f"{st}: exit {rc} after {timings[st]:.0f} s")
+        if rc:
+            failed.append(st)
+    if failed:
+        for st in failed:
+            tail = (work / f"{st}.log").read_text(errors="replace").splitlines()[-15:]
+            print(f"--- {st} (last lines of {work / (st + '.log')})", *tail, sep="\n", file=sys.stderr)
+        raise SystemExit(f"demo-train: stage {', '.join(failed)} failed")
+
+
+def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
+    if st == "vae":
+        train_vae(work, dev, a.max_seconds)
+    elif st.startswith("teacher-"):
+        train_teacher(st.split("-")[1], out, work, dev, a.max_seconds)
+    elif st.startswith("style-"):
+        for style in a.styles.split(","):
+            train_style(st.split("-")[1], style, out, dev, a.max_seconds)
+    elif st.startswith("lcm-"):
+        fam = st.split("-")[1]
+        run = work / f"lcm-run-{fam}"
+        # the shipped teacher is named by its spec (demo:sd), so the LoRA's metadata holds no local path
+        shipped = out.resolve() == (Path(__file__).parent / "assets").resolve()
+        teacher = f"demo:{fam}" if shipped else str(out / f"demo-{fam}")
+        subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", f"configs/distill/demo-{fam}.yaml",
+                        "--model", teacher, "--out", str(run), "--set", f"device={dev}"]
+                       + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
+        shutil.copy(run / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
+        for art in ("loss", "validation"):  # the curve and the LCM 1/2/4/8-step grid ship beside the LoRA
+            if (run / f"{art}.png").exists():
+                shutil.copy(run / f"{art}.png", out / f"lcm-lora-demo-{fam}.{art}.png")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--stage", default="all",
                     choices=["all", "vae", "teacher-sd", "teacher-xl", "style-sd", "style-xl", "lcm-sd", "lcm-xl"])
     ap.add_argument("--out", default=str(Path(__file__).parent / "assets"))
-    ap.add_argument("--work", default="runs/demo-train", help="intermediates: the fp32 VAE, distill runs")
+    ap.add_argument("--work", default="runs/demo-train", help="intermediates: the fp32 VAE, distill runs, logs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--distill-steps", type=int, default=None, help="lcm stages: override the config's max_steps")
+    ap.add_argument("--styles", default="outline,striped", help="style stages: which style LoRAs to train")
     ap.add_argument("--quick", action="store_true", help="smoke test: a few steps of every stage")
     ap.add_argument("--max-seconds", type=float, default=1e9, help="stop a stage early (recorded in train.json)")
+    ap.add_argument("--parallel", choices=["auto", "yes", "no"], default="auto",
+                    help="--stage all: run independent stages concurrently (auto: on CUDA)")
     a = ap.parse_args(argv)
+    bad = [x for x in a.styles.split(",") if x not in world.STYLES or x == "solid"]
+    if bad:
+        ap.error(f"--styles: unknown style {bad[0]!r} (choose from {', '.join(world.STYLE_NAMES[1:])})")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if dev.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -326,29 +387,28 @@ def main(argv=None):
     if a.quick:
         for r in RECIPE.values():
             r.update(steps=3, batch=8, **{k: 64 for k in ("n_scenes", "pool") if k in r})
-    all_stages = ["vae", "teacher-sd", "teacher-xl", "style-sd", "lcm-sd", "lcm-xl"]  # style-xl: on request
-    stages = [a.stage] if a.stage != "all" else all_stages
-    for st in stages:
-        if st == "vae":
-            train_vae(work, dev, a.max_seconds)
-        elif st.startswith("teacher-"):
-            train_teacher(st.split("-")[1], out, work, dev, a.max_seconds)
-        elif st.startswith("style-"):
-            for style in ("outline", "striped"):
-                train_style(st.split("-")[1], style, out, dev, a.max_seconds)
-        elif st.startswith("lcm-"):
-            fam = st.split("-")[1]
-            run = work / f"lcm-run-{fam}"
-            # the shipped teacher is named by its spec (demo:sd), so the LoRA's metadata holds no local path
-            shipped = out.resolve() == (Path(__file__).parent / "assets").resolve()
-            teacher = f"demo:{fam}" if shipped else str(out / f"demo-{fam}")
-            subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", f"configs/distill/demo-{fam}.yaml",
-                            "--model", teacher, "--out", str(run), "--set", f"device={dev}"]
-                           + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
-            shutil.copy(run / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
-            for art in ("loss", "validation"):  # the curve and the LCM 1/2/4/8-step grid ship beside the LoRA
-                if (run / f"{art}.png").exists():
-                    shutil.copy(run / f"{art}.png", out / f"lcm-lora-demo-{fam}.{art}.png")
+    if a.stage != "all":
+        return run_stage(a.stage, a, out, work, dev)
+    # the whole recipe (style-xl only on request): VAE -> both teachers -> style LoRAs and both LCM-LoRAs
+    waves = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "lcm-sd", "lcm-xl"]]
+    parallel = a.parallel == "yes" or (a.parallel == "auto" and dev.startswith("cuda"))
+    common = ["--out", str(out), "--work", str(work), "--device", dev, "--max-seconds", str(a.max_seconds)]
+    common += (["--distill-steps", str(a.distill_steps)] if a.distill_steps else []) + (["--quick"] if a.quick else [])
+    timings: dict[str, float] = {}
+    t_all = time.time()
+    for wave in waves:
+        if parallel and len(wave) > 1:
+            run_parallel(wave, common, work, timings)
+            continue
+        for st in wave:
+            t = time.time()
+            run_stage(st, a, out, work, dev)
+            timings[st] = round(time.time() - t, 1)
+    timings["total"] = round(time.time() - t_all, 1)
+    info = dict(timings_s=timings, device=torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
+                parallel=parallel, quick=a.quick)
+    atomic_write_text(work / "timings.json", json.dumps(info, indent=2))
+    log(f"demo models done in {timings['total']:.0f} s: {info}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 `python -m lcmtool.demo.train --stage all --out lcmtool/demo/assets` (what `make demo-models` runs): the VAE,
 then both teachers, then the style LoRAs and both LCM-LoRAs; on CUDA the stages of each wave run as parallel
 processes (logs in --work). Every stage is seeded; steps and batch sizes live in RECIPE below. Loss curves are
-saved as PNG beside the weights. On one H200 the VAE and teachers take about 6 minutes and the three last
-stages (run in parallel) about 5 more; on our 2-core CPU the teachers are far too slow (see README).
+saved as PNG beside the weights. On one H200 the VAE takes ~2 minutes, the two teachers ~12 (in parallel,
+~98 ms per step each; the shipped ones were capped at 270 s) and the three last stages ~6 (in parallel);
+on our 2-core CPU the teachers are far too slow (see README).
 The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-*.yaml` on the
 teachers written here (the `lcm` stage runs it; alone it takes 28-41 minutes on the 2-core CPU).
 """
@@ -29,13 +30,16 @@ from lcmtool.plot import line_chart, smooth
 
 RECIPE = {
     # VAE: pixel L1 + MSE for colour fidelity, tiny KL as in SD's VAE (kl weight 1e-6)
-    "vae": dict(steps=2400, batch=128, lr=1e-3, kl=1e-6, pool=40_000, seed=1),
-    # teachers: UNet + text encoder(s) from scratch on cached latents; 10% caption dropout for CFG. The tiny UNets
-    # are launch-bound on a GPU up to large batches (0.47 GFLOP per sample, forward + backward), so the recipe takes
-    # few large steps: 1800 x 2048 = 3.7M samples (the first teachers had 2600 x 512 = 1.3M). EMA 0.995: a ~200-step
-    # horizon, so the averaged weights hold no early, undertrained steps of so short a run.
-    "teacher": dict(steps=1800, batch=2048, lr=4e-4, te_lr=2e-4, warmup=200, ema=0.995, drop=0.1,
-                    n_scenes=240_000, seed=2),
+    "vae": dict(steps=3000, batch=128, lr=1e-3, kl=1e-6, pool=40_000, seed=1),
+    # teachers: UNet + text encoder(s) from scratch on cached latents; 10% caption dropout for CFG. The shipped
+    # teachers ran this on an H200 capped at 270 s (2,613 / 2,458 steps, both teachers in parallel).
+    # Tried on 2026-11-26 and not shipped: steps=1800, batch=2048, warmup=200, ema=0.995, n_scenes=240_000 (the tiny
+    # UNets are launch-bound, so 4x the batch cost ~1.3x per step). Teachers: colour 0.900 / 0.875 and FD-demo
+    # 39 / 37 at DPM-Solver++ 25, CFG 7.5 (these: 0.850 / 0.875, 48 / 53), but the LCM-LoRAs the shipped distill
+    # configs made on them were worse at 4 steps (demo-sd FD-demo 56 vs 35.5); see README and
+    # docs/demo-report-teachers-b2048.jsonl.
+    "teacher": dict(steps=7000, batch=512, lr=4e-4, te_lr=2e-4, warmup=300, ema=0.999, drop=0.1,
+                    n_scenes=120_000, seed=2),
     # style LoRAs: plain diffusion loss on styled renders, LoRA on the frozen teacher UNet
     "style": dict(steps=800, batch=256, lr=1e-3, rank=4, n_scenes=30_000, seed=3),
 }

@@ -66,3 +66,24 @@ def test_parallel_stages_run_as_subprocesses_and_failures_name_the_stage(tmp_pat
     StableDiffusionPipeline.from_pretrained(out / "demo-sd")
     StableDiffusionXLPipeline.from_pretrained(out / "demo-xl")
     assert json.loads((out / "demo-xl" / "train.json").read_text())["steps"] == 3
+
+
+def test_parallel_stages_are_stopped_when_the_parent_is_interrupted(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    started, real_popen = [], subprocess.Popen
+
+    def popen(cmd, **kw):  # stand-in stages that would run for a minute
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw))
+        return started[-1]
+
+    def log(msg):
+        if msg.startswith("running"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.subprocess, "Popen", popen)
+    monkeypatch.setattr(train, "log", log)
+    with pytest.raises(KeyboardInterrupt):
+        train.run_parallel(["teacher-sd", "teacher-xl"], [], tmp_path, {})
+    assert len(started) == 2 and all(p.poll() is not None for p in started)

@@ -12,10 +12,13 @@ teachers written here (the `lcm` stage runs it; alone it takes 28-41 minutes on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -324,16 +327,34 @@ def run_parallel(stages: list[str], common: list[str], work: Path, timings: dict
     for st in stages:
         logf = open(work / f"{st}.log", "w")
         cmd = [sys.executable, "-m", "lcmtool.demo.train", "--stage", st, *common]
-        procs[st] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf, time.time())
-    log(f"running {', '.join(stages)} in parallel (logs in {work})")
+        # each stage leads its own process group, so stopping it also stops what it started (lcm: the distill)
+        procs[st] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True), logf,
+                     time.time())
     failed = []
-    for st, (proc, logf, t) in procs.items():
-        rc = proc.wait()
-        logf.close()
-        timings[st] = round(time.time() - t, 1)
-        log(f"{st}: exit {rc} after {timings[st]:.0f} s")
-        if rc:
-            failed.append(st)
+    try:
+        log(f"running {', '.join(stages)} in parallel (logs in {work})")
+        for st, (proc, logf, t) in procs.items():
+            rc = proc.wait()
+            logf.close()
+            timings[st] = round(time.time() - t, 1)
+            log(f"{st}: exit {rc} after {timings[st]:.0f} s")
+            if rc:
+                failed.append(st)
+    except BaseException:  # Ctrl-C, SIGTERM (main turns it into SystemExit), or an error here: no orphans
+        def signal_group(proc, sig):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+
+        for proc, _f, _ in procs.values():
+            signal_group(proc, signal.SIGTERM)
+        for proc, logf, _ in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                signal_group(proc, signal.SIGKILL)
+                proc.wait()
+            logf.close()
+        raise
     if failed:
         for st in failed:
             tail = (work / f"{st}.log").read_text(errors="replace").splitlines()[-15:]
@@ -393,6 +414,8 @@ def main(argv=None):
             r.update(steps=3, batch=8, **{k: 64 for k in ("n_scenes", "pool") if k in r})
     if a.stage != "all":
         return run_stage(a.stage, a, out, work, dev)
+    # a SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so run_parallel stops the stages it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # the whole recipe (style-xl only on request): VAE -> both teachers -> style LoRAs and both LCM-LoRAs
     waves = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "lcm-sd", "lcm-xl"]]
     parallel = a.parallel == "yes" or (a.parallel == "auto" and dev.startswith("cuda"))

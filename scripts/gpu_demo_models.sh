@@ -6,6 +6,8 @@
 # The device image has no .venv: run it with python3 and diffusers from carried wheels, e.g.
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   bash scripts/gpu_demo_models.sh
+# The whole recipe needs ~20 minutes on an H200 (README), more than the lent device's 10-minute command limit: there,
+# run the waves as chained calls on the warm machine (`--stage vae`, `teacher-sd` + `teacher-xl`, then the rest).
 # LIMIT caps the recipe's wall time (s); TEACHER_S caps each teacher's training loop (the cosine schedule is fitted
 # to the cap when the recipe's steps would not fit, and train.json records the steps done).
 set -uo pipefail

@@ -121,51 +121,28 @@ def heldout_prompts(style: str = "solid") -> list[str]:
     return out
 
 
-def _coverage(shape: str, style: str, u: torch.Tensor, v: torch.Tensor, r: float) -> torch.Tensor:
-    """Boolean mask of a shape of radius r at offsets (u, v) from its centre, in the given style."""
-    def fill(rr):
-        if shape == "circle":
-            return u * u + v * v <= rr * rr
-        if shape == "square":
-            return (u.abs() <= 0.82 * rr) & (v.abs() <= 0.82 * rr)
-        if shape == "triangle":  # apex up
-            return (u.abs() <= 0.58 * (v + rr)) & (v <= 0.75 * rr)
-        if shape == "cross":
-            w = 0.32 * rr
-            return ((u.abs() <= w) & (v.abs() <= rr)) | ((v.abs() <= w) & (u.abs() <= rr))
-        raise ValueError(f"unknown shape {shape!r}")
-
-    m = fill(r)
-    if style == "solid":
-        return m
-    if style == "outline":
-        return m & ~fill(r - 2.6)
-    if style == "striped":
-        return m & (torch.floor((u + v) / 2.5) % 2 == 0)
-    raise ValueError(f"unknown style {style!r}")
-
-
-# Vectorised renderer. `render` reproduces `_render_reference` bit for bit but (1) evaluates each object only in a
+# Vectorised renderer. `render` reproduces the original per-scene loop (kept in tests/test_world_render.py as
+# the oracle) bit for bit but (1) evaluates each object only in a
 # small window around it (its coverage is empty elsewhere), (2) batches all objects of one shape, style and window
 # size into one set of tensor ops, and (3) pools per-object subpixel counts instead of a full-resolution colour
 # image: a pooled pixel is sum(colours of its ss*ss subpixels) / ss^2, and that sum of small integers is exact.
 _SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
 _STYLE_INDEX = {s: i for i, s in enumerate(STYLE_NAMES)}
-_OUTLINE_INSET = 2.6  # the `r - 2.6` of `_coverage`'s outline style
+_OUTLINE_INSET = 2.6  # the outline style draws fill(r) minus fill(r - 2.6)
 _CHUNK_CPU = 256      # objects per batched evaluation on CPU: each [m, K, K] temporary stays <= ~15 MB
 _CHUNK_ACCEL = 4096   # ... on an accelerator, where kernel launches rather than memory are the limit
 _WINDOW_STEP = 6      # window sizes (pooled pixels) are rounded up to a multiple of this: fewer, larger batches
 
 
 def _thresholds(rr: torch.Tensor) -> torch.Tensor:
-    """[m, 5] float32 thresholds of `_coverage`'s fill(rr) from float64 radii rr: rr, rr*rr, 0.82*rr, 0.75*rr,
+    """[m, 5] float32 thresholds of a shape's fill(rr) from float64 radii rr: rr, rr*rr, 0.82*rr, 0.75*rr,
     0.32*rr, computed in float64 and rounded once to float32 -- exactly what happens to the reference's Python-float
     scalars when torch combines them with a float32 tensor."""
     return torch.stack([rr, rr * rr, 0.82 * rr, 0.75 * rr, 0.32 * rr], 1).to(torch.float32)
 
 
 def _fill_batch(shape: str, u: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`_coverage`'s fill for m objects at once: u [m, 1, K], v [m, K, 1], t [m, 5, 1, 1] from `_thresholds`."""
+    """The shapes' fill for m objects at once: u [m, 1, K], v [m, K, 1], t [m, 5, 1, 1] from `_thresholds`."""
     r, r2, s, h, w = t.unbind(1)
     if shape == "circle":
         return u * u + v * v <= r2
@@ -180,7 +157,8 @@ def _fill_batch(shape: str, u: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -
 
 
 def _coverage_batch(shape: str, style: str, u: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`_coverage` for m objects at once -> bool [m, K, K]; t [m, 10, 1, 1]: thresholds of r, then of r - 2.6."""
+    """A shape's coverage in a style for m objects at once -> bool [m, K, K]; t [m, 10, 1, 1]: thresholds of r,
+    then of r - 2.6."""
     m = _fill_batch(shape, u, v, t[:, :5])
     if style == "solid":
         return m
@@ -296,26 +274,6 @@ def _draw_batch(ctx: tuple, sel: torch.Tensor, kp: int, shape: str, style: str,
     flat = (((ix[:, 0, None, None, None] * 3 + torch.arange(3, device=device)[None, :, None, None]) * SIZE
              + (ix[:, 2, None, None, None] + arp[:, None])) * SIZE + (ix[:, 1, None, None, None] + arp))
     acc.view(-1).index_add_(0, flat.reshape(-1), vals.reshape(-1))
-
-
-def _render_reference(scenes: list[Scene], device: str | torch.device = "cpu", ss: int = 4) -> torch.Tensor:
-    """The original per-scene renderer (a Python loop of small torch ops); `render` must match it bit for bit."""
-    n = SIZE * ss
-    coords = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / ss
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    out = torch.empty(len(scenes), 3, SIZE, SIZE, device=device)
-    for i, sc in enumerate(scenes):
-        img = torch.tensor(BACKGROUNDS[sc.background], device=device, dtype=torch.float32).view(3, 1, 1)
-        img = img.expand(3, n, n).clone()
-        dx, dy, ds = sc.jitter
-        for o in sc.objs:
-            (cx, cy), _ = POSITIONS[o.position]
-            cov = _coverage(o.shape, sc.style, xx - (cx + dx), yy - (cy + dy), SIZES[o.size] * (1 + ds))
-            col = torch.tensor(COLORS[o.color], device=device, dtype=torch.float32).view(3, 1, 1)
-            img = torch.where(cov, col, img)
-        img = torch.nn.functional.avg_pool2d(img[None], ss)[0]
-        out[i] = img / 127.5 - 1.0
-    return out
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

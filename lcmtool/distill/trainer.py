@@ -619,18 +619,14 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                     if main:
                         log(f"interrupted at step {step}: checkpoint {where} (continue with --resume latest)")
                     raise KeyboardInterrupt
-    except KeyboardInterrupt:
+    except BaseException as exc:
         # an interrupt raised mid-step (second Ctrl-C, or a test): one process can still write its checkpoint;
         # several cannot safely (the others may be inside a collective), so they leave with the last periodic one
-        if step > start_step and not stop.written and world == 1:
+        if isinstance(exc, KeyboardInterrupt) and step > start_step and not stop.written and world == 1:
             where = checkpoint("interrupted")
             log(f"interrupted at step {step}: checkpoint {where} (continue with --resume latest)")
         if tracker:
             accelerator.end_training()  # flush the TensorBoard events logged so far
-        raise
-    except Exception:
-        if tracker:
-            accelerator.end_training()
         raise
     finally:
         stop.restore()

@@ -28,6 +28,27 @@ def test_quick_recipe_vae_teacher_style(tmp_path, monkeypatch):
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
     assert (out / "demo-sd" / "loss.png").stat().st_size > 0
     assert pipe.vae.config.scaling_factor == pytest.approx(info["scaling_factor"])
+    # the VAE's record ships beside the weights
+    assert json.loads((out / "vae.train.json").read_text())["steps"] == 3 and (out / "vae.loss.png").exists()
+
+
+def test_waves_split_the_recipe_into_commands(tmp_path, monkeypatch):
+    """--waves 1 then --waves 2 (what the lent GPU runs as separate calls) is the recipe's first two waves;
+    timings.json keeps one entry per command; a bad --waves is an argparse error (exit 2)."""
+    monkeypatch.setattr(train, "RECIPE", json.loads(json.dumps(train.RECIPE)))
+    out, work = tmp_path / "assets", tmp_path / "work"
+    common = ["--quick", "--out", str(out), "--work", str(work), "--device", "cpu"]
+    train.main(["--stage", "all", "--waves", "1", *common])
+    assert (work / "vae" / "config.json").exists() and not (out / "demo-sd").exists()
+    train.main(["--stage", "all", "--waves", "2", *common])
+    assert (out / "demo-sd" / "model_index.json").exists() and (out / "demo-xl" / "model_index.json").exists()
+    runs = json.loads((work / "timings.json").read_text())["runs"]
+    assert [r["waves"] for r in runs] == [[1], [2]]
+    assert set(runs[1]["timings_s"]) == {"teacher-sd", "teacher-xl", "total"}
+    for bad in ("4", "0", "x", ""):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--stage", "all", "--waves", bad, *common])
+        assert e.value.code == 2
 
 
 def test_cache_latents_tokenizes_like_the_whole_list():

@@ -1,11 +1,11 @@
-"""The demo world's training recipe: VAE -> SD-family and SDXL-family teachers -> style LoRAs.
+"""The demo world's training recipe: VAE -> SD-family and SDXL-family teachers -> style LoRAs and LCM-LoRAs.
 
-`python -m lcmtool.demo.train --stage all --out lcmtool/demo/assets` (what `make demo-models` runs): the VAE,
-then both teachers, then the style LoRAs and both LCM-LoRAs; on CUDA the stages of each wave run as parallel
-processes (logs in --work). Every stage is seeded; steps and batch sizes live in RECIPE below. Loss curves are
-saved as PNG beside the weights. On one H200 the VAE takes ~2 minutes, the two teachers ~12 (in parallel,
-~98 ms per step each; the shipped ones were capped at 270 s) and the three last stages ~6 (in parallel);
-on our 2-core CPU the teachers are far too slow (see README).
+`python -m lcmtool.demo.train --stage all --out lcmtool/demo/assets` (what `make demo-models` runs) goes in three
+waves: the VAE; both teachers; the style LoRAs and both LCM-LoRAs. On CUDA the stages of a wave run as parallel
+processes (logs in --work), and `--waves 1,2` then `--waves 3` splits the recipe into two commands. Every stage is
+seeded; steps, batch sizes and the GPU time budgets live in RECIPE below. Loss curves are saved as PNG beside the
+weights. On one H200 the three waves take ~100 s, ~180 s and ~270 s (the shipped run, README); on our 2-core CPU
+the VAE and teachers are far too slow (see README).
 The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-*.yaml` on the
 teachers written here (the `lcm` stage runs it; alone it takes 28-41 minutes on the 2-core CPU).
 """
@@ -31,18 +31,17 @@ from lcmtool.demo import arch, world
 from lcmtool.fileio import atomic_path, atomic_write_text
 from lcmtool.plot import line_chart, smooth
 
+# On CUDA the VAE and the teachers are time-budgeted (budget_s, the wall time of their training loop on one H200):
+# the teacher's cosine schedule is fitted to the budget (its decay completes), the VAE stops at the budget. The
+# shipped weights are one `make demo-models` run on an H200 (2026-11-26): VAE 2,067 of 3,000 steps; teachers 1,849
+# (demo-sd) and 1,789 (demo-xl) steps, in parallel; train.json beside each records what ran. On the CPU there is no
+# budget (and the teachers would take many hours).
 RECIPE = {
     # VAE: pixel L1 + MSE for colour fidelity, tiny KL as in SD's VAE (kl weight 1e-6)
-    "vae": dict(steps=3000, batch=128, lr=1e-3, kl=1e-6, pool=40_000, seed=1),
-    # teachers: UNet + text encoder(s) from scratch on cached latents; 10% caption dropout for CFG. The shipped
-    # teachers ran this on an H200 capped at 270 s (2,613 / 2,458 steps, both teachers in parallel).
-    # Tried on 2026-11-26 and not shipped: steps=1800, batch=2048, warmup=200, ema=0.995, n_scenes=240_000 (the tiny
-    # UNets are launch-bound, so 4x the batch cost ~1.3x per step). Teachers: colour 0.900 / 0.875 and FD-demo
-    # 39 / 37 at DPM-Solver++ 25, CFG 7.5 (these: 0.850 / 0.875, 48 / 53), but the LCM-LoRAs the shipped distill
-    # configs made on them were worse at 4 steps (demo-sd FD-demo 56 vs 35.5); see README and
-    # docs/demo-report-teachers-b2048.jsonl.
+    "vae": dict(steps=3000, batch=128, lr=1e-3, kl=1e-6, pool=40_000, seed=1, budget_s=60),
+    # teachers: UNet + text encoder(s) from scratch on cached latents; 10% caption dropout for CFG.
     "teacher": dict(steps=7000, batch=512, lr=4e-4, te_lr=2e-4, warmup=300, ema=0.999, drop=0.1,
-                    n_scenes=120_000, seed=2),
+                    n_scenes=120_000, seed=2, budget_s=170),
     # style LoRAs: plain diffusion loss on styled renders, LoRA on the frozen teacher UNet
     "style": dict(steps=800, batch=256, lr=1e-3, rank=4, n_scenes=30_000, seed=3),
 }
@@ -81,6 +80,8 @@ def train_vae(work: Path, device: str, max_seconds: float = 1e9):
     from diffusers import AutoencoderKL
 
     cfg = RECIPE["vae"]
+    if device.startswith("cuda"):
+        max_seconds = min(max_seconds, cfg["budget_s"])
     torch.manual_seed(cfg["seed"])
     rng = random.Random(cfg["seed"])
     vae = AutoencoderKL(**arch.VAE_CONFIG).to(device)
@@ -114,18 +115,26 @@ def train_vae(work: Path, device: str, max_seconds: float = 1e9):
     vae.eval()
     with torch.no_grad():
         scenes = [world.sample_scene(rng) for _ in range(min(512, cfg["pool"]))]
-        x = world.render(scenes, device)
-        z = vae.encode(x).latent_dist.mode()
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x).item()
+        z = vae.encode(world.render(scenes, device)).latent_dist.mode()
         sf = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=sf)
     vae.save_pretrained(work / "vae")
     line_chart({"vae loss": smooth(losses)}, work / "vae" / "loss.png", title="VAE training loss")
-    info = dict(steps=len(losses), seconds=round(time.time() - t0, 1), recon_mse=mse, scaling_factor=sf)
+    info = dict(steps=len(losses), seconds=round(time.time() - t0, 1),
+                recon_mse=recon_mse(vae, device, min(512, cfg["pool"])), scaling_factor=sf, device=device, recipe=cfg)
     atomic_write_text(work / "vae" / "train.json", json.dumps(info, indent=2))
     log(f"vae done: {info}")
     return info
+
+
+def recon_mse(vae, device: str, n: int = 512, seed: int = 123) -> float:
+    """Reconstruction MSE (pixels in [-1, 1]) of n random scenes of both splits and every style."""
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng, split=rng.choice(["train", "heldout"]), style=rng.choice(world.STYLE_NAMES))
+              for _ in range(n)]
+    x = world.render(scenes, device)
+    with torch.no_grad():
+        return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x).item()
 
 
 # ---------------------------------------------------------------- teachers
@@ -167,6 +176,8 @@ def train_teacher(family: str, out: Path, work: Path, device: str, max_seconds: 
     from diffusers import AutoencoderKL, DDPMScheduler
 
     cfg = RECIPE["teacher"]
+    if device.startswith("cuda"):
+        max_seconds = min(max_seconds, cfg["budget_s"])
     torch.manual_seed(cfg["seed"])
     pipe = arch.build_pipeline(family, seed=cfg["seed"])
     pipe.vae = AutoencoderKL.from_pretrained(work / "vae")
@@ -365,6 +376,8 @@ def run_parallel(stages: list[str], common: list[str], work: Path, timings: dict
 def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
     if st == "vae":
         train_vae(work, dev, a.max_seconds)
+        for art in ("train.json", "loss.png"):  # the VAE's record ships beside the weights (it lives in demo-*/vae)
+            shutil.copy(work / "vae" / art, out / f"vae.{art}")
     elif st.startswith("teacher-"):
         train_teacher(st.split("-")[1], out, work, dev, a.max_seconds)
     elif st.startswith("style-"):
@@ -398,6 +411,9 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=1e9, help="stop a stage early (recorded in train.json)")
     ap.add_argument("--parallel", choices=["auto", "yes", "no"], default="auto",
                     help="--stage all: run independent stages concurrently (auto: on CUDA)")
+    ap.add_argument("--waves", default="1,2,3",
+                    help="--stage all: which waves to run (1 VAE, 2 teachers, 3 style + LCM LoRAs), e.g. '1,2' then "
+                         "'3' where one command may not run as long as the whole recipe")
     a = ap.parse_args(argv)
     bad = [x for x in a.styles.split(",") if x not in world.STYLES or x == "solid"]
     if bad:
@@ -418,6 +434,12 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # the whole recipe (style-xl only on request): VAE -> both teachers -> style LoRAs and both LCM-LoRAs
     waves = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "lcm-sd", "lcm-xl"]]
+    try:
+        chosen = sorted({int(w) for w in a.waves.split(",")})
+        assert chosen and all(1 <= w <= len(waves) for w in chosen)
+    except (ValueError, AssertionError):
+        ap.error(f"--waves: expected numbers from 1 to {len(waves)} separated by commas, got {a.waves!r}")
+    waves = [waves[w - 1] for w in chosen]
     parallel = a.parallel == "yes" or (a.parallel == "auto" and dev.startswith("cuda"))
     common = ["--out", str(out), "--work", str(work), "--device", dev, "--max-seconds", str(a.max_seconds)]
     common += (["--distill-steps", str(a.distill_steps)] if a.distill_steps else []) + (["--quick"] if a.quick else [])
@@ -433,8 +455,10 @@ def main(argv=None):
             timings[st] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_all, 1)
     info = dict(timings_s=timings, device=torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
-                parallel=parallel, quick=a.quick)
-    atomic_write_text(work / "timings.json", json.dumps(info, indent=2))
+                parallel=parallel, quick=a.quick, waves=chosen)
+    path = work / "timings.json"  # one entry per call: the waves may run as separate commands
+    runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    atomic_write_text(path, json.dumps(dict(runs=runs + [info]), indent=2))
     log(f"demo models done in {timings['total']:.0f} s: {info}")
 
 

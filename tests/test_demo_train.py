@@ -38,6 +38,8 @@ def test_waves_split_the_recipe_into_commands(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "RECIPE", json.loads(json.dumps(train.RECIPE)))
     out, work = tmp_path / "assets", tmp_path / "work"
     common = ["--quick", "--out", str(out), "--work", str(work), "--device", "cpu"]
+    work.mkdir()
+    (work / "timings.json").write_text("{not json")  # a damaged record from an earlier run is started afresh
     train.main(["--stage", "all", "--waves", "1", *common])
     assert (work / "vae" / "config.json").exists() and not (out / "demo-sd").exists()
     train.main(["--stage", "all", "--waves", "2", *common])

@@ -436,8 +436,9 @@ def main(argv=None):
     waves = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "lcm-sd", "lcm-xl"]]
     try:
         chosen = sorted({int(w) for w in a.waves.split(",")})
-        assert chosen and all(1 <= w <= len(waves) for w in chosen)
-    except (ValueError, AssertionError):
+    except ValueError:
+        chosen = []
+    if not chosen or not all(1 <= w <= len(waves) for w in chosen):
         ap.error(f"--waves: expected numbers from 1 to {len(waves)} separated by commas, got {a.waves!r}")
     waves = [waves[w - 1] for w in chosen]
     parallel = a.parallel == "yes" or (a.parallel == "auto" and dev.startswith("cuda"))
@@ -457,7 +458,10 @@ def main(argv=None):
     info = dict(timings_s=timings, device=torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
                 parallel=parallel, quick=a.quick, waves=chosen)
     path = work / "timings.json"  # one entry per call: the waves may run as separate commands
-    runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    try:  # a missing, older-format or unreadable file starts the list afresh: the run's own record must land
+        runs = list(json.loads(path.read_text())["runs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        runs = []
     atomic_write_text(path, json.dumps(dict(runs=runs + [info]), indent=2))
     log(f"demo models done in {timings['total']:.0f} s: {info}")
 

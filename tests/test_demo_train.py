@@ -47,10 +47,13 @@ def test_waves_split_the_recipe_into_commands(tmp_path, monkeypatch):
     runs = json.loads((work / "timings.json").read_text())["runs"]
     assert [r["waves"] for r in runs] == [[1], [2]]
     assert set(runs[1]["timings_s"]) == {"teacher-sd", "teacher-xl", "total"}
+    fresh = tmp_path / "fresh"
     for bad in ("4", "0", "x", ""):
         with pytest.raises(SystemExit) as e:
-            train.main(["--stage", "all", "--waves", bad, *common])
+            train.main(["--stage", "all", "--waves", bad, "--quick", "--out", str(fresh / "a"), "--work",
+                        str(fresh / "w"), "--device", "cpu"])
         assert e.value.code == 2
+    assert not fresh.exists()  # refused before anything is written
 
 
 def test_cache_latents_tokenizes_like_the_whole_list():

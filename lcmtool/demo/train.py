@@ -45,6 +45,8 @@ RECIPE = {
     # style LoRAs: plain diffusion loss on styled renders, LoRA on the frozen teacher UNet
     "style": dict(steps=800, batch=256, lr=1e-3, rank=4, n_scenes=30_000, seed=3),
 }
+# the whole recipe (style-xl only on request): VAE -> both teachers -> style LoRAs and both LCM-LoRAs
+WAVES = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "lcm-sd", "lcm-xl"]]
 STYLE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                  "conv1", "conv2"]
 
@@ -418,6 +420,12 @@ def main(argv=None):
     bad = [x for x in a.styles.split(",") if x not in world.STYLES or x == "solid"]
     if bad:
         ap.error(f"--styles: unknown style {bad[0]!r} (choose from {', '.join(world.STYLE_NAMES[1:])})")
+    try:
+        chosen = sorted({int(w) for w in a.waves.split(",")})
+    except ValueError:
+        chosen = []
+    if not chosen or not all(1 <= w <= len(WAVES) for w in chosen):
+        ap.error(f"--waves: expected numbers from 1 to {len(WAVES)} separated by commas, got {a.waves!r}")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if dev.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -432,15 +440,7 @@ def main(argv=None):
         return run_stage(a.stage, a, out, work, dev)
     # a SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so run_parallel stops the stages it started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    # the whole recipe (style-xl only on request): VAE -> both teachers -> style LoRAs and both LCM-LoRAs
-    waves = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "lcm-sd", "lcm-xl"]]
-    try:
-        chosen = sorted({int(w) for w in a.waves.split(",")})
-    except ValueError:
-        chosen = []
-    if not chosen or not all(1 <= w <= len(waves) for w in chosen):
-        ap.error(f"--waves: expected numbers from 1 to {len(waves)} separated by commas, got {a.waves!r}")
-    waves = [waves[w - 1] for w in chosen]
+    waves = [WAVES[w - 1] for w in chosen]
     parallel = a.parallel == "yes" or (a.parallel == "auto" and dev.startswith("cuda"))
     common = ["--out", str(out), "--work", str(work), "--device", dev, "--max-seconds", str(a.max_seconds)]
     common += (["--distill-steps", str(a.distill_steps)] if a.distill_steps else []) + (["--quick"] if a.quick else [])

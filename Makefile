@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/lcmtool sample --steps 4 --prompt "a large red circle on the left" --num-images 4 --out outputs/demo
 
 demo-models: install
-	$(BIN)/python -m lcmtool.demo.train --out lcmtool/demo/assets
+	$(BIN)/python tools/demo_models.py --out lcmtool/demo/assets
 
 clean:
 	rm -rf outputs runs .pytest_cache

@@ -125,8 +125,8 @@ def sample(
 ):
     """LCM multi-step sampling in 1-8 steps (and DPM-Solver++/DDIM/Euler/TCD baselines)."""
     from lcmtool.config import resolve
-    from lcmtool.sample.engine import SampleConfig
-    from lcmtool.sample.engine import sample as run_sample
+    from lcmtool.engines.sample import SampleConfig
+    from lcmtool.engines.sample import sample as run_sample
 
     flags = dict(prompt=prompt, prompts=prompts, negative_prompt=negative_prompt, model=model, lora=lora or None,
                  fuse=fuse, scheduler=scheduler, steps=steps, guidance=guidance, timesteps=timesteps, gamma=gamma,
@@ -158,8 +158,8 @@ def compare(
 ):
     """One grid: schedulers x steps on the same prompts and seeds, each cell with its time per image (Fig. 3)."""
     from lcmtool.config import resolve
-    from lcmtool.sample.engine import CompareConfig
-    from lcmtool.sample.engine import compare as run_compare
+    from lcmtool.engines.sample import CompareConfig
+    from lcmtool.engines.sample import compare as run_compare
 
     flags = dict(prompt=prompt, prompts=prompts, negative_prompt=negative_prompt, model=model, lora=lora or None,
                  runs=runs, gamma=gamma, seed=seed, num_images=num_images, height=height, width=width, out=out,
@@ -218,7 +218,7 @@ def merge(
 ):
     """Task arithmetic over LoRAs: tau' = lambda1 * tau_style + lambda2 * tau_LCM (paper eq. 3); fuse bakes it in."""
     from lcmtool.config import resolve
-    from lcmtool.lora.engine import MergeConfig, block_lambdas, run_merge
+    from lcmtool.engines.merge import MergeConfig, block_lambdas, run_merge
 
     flags = dict(style=style, lcm=lcm, lambda1=_scalar(lambda1), lambda2=_scalar(lambda2), add=add or None,
                  method=method, rank=rank, model=model, format=format, dtype=dtype, out=out,
@@ -237,7 +237,7 @@ def inspect_lora(
 ):
     """Format, family guess, module count, ranks, alphas, dtype, per-block norms and metadata of a LoRA."""
     from lcmtool.config import resolve
-    from lcmtool.lora.engine import InspectConfig, run_inspect
+    from lcmtool.engines.merge import InspectConfig, run_inspect
 
     _lora_report(run_inspect(resolve(InspectConfig, None, dict(file=file, family=family))), json_)
 
@@ -253,7 +253,7 @@ def convert(
 ):
     """Rewrite a LoRA between kohya (diffusers or SGM names), diffusers and peft keys; every delta kept."""
     from lcmtool.config import resolve
-    from lcmtool.lora.engine import ConvertConfig, run_convert
+    from lcmtool.engines.merge import ConvertConfig, run_convert
 
     cfg = resolve(ConvertConfig, None, dict(file=file, format=format, out=out, dtype=dtype))
     _lora_report(run_convert(cfg), json_)
@@ -276,8 +276,8 @@ def distill(
 ):
     """LoRA latent consistency distillation (paper Algorithm 1): writes tau_LCM."""
     from lcmtool.config import resolve
-    from lcmtool.distill import DistillConfig
-    from lcmtool.distill import distill as run_distill
+    from lcmtool.engines.distill import DistillConfig
+    from lcmtool.engines.distill import distill as run_distill
 
     cfg = resolve(DistillConfig, config, dict(model=model, data=data, out=out, max_steps=max_steps, resume=resume,
                                               format=format), set_)
@@ -305,7 +305,7 @@ def eval_(
     debug: DebugOpt = False,
 ):
     """Score demo images against their prompts: shape/colour/size/position/style accuracy and FD-demo."""
-    from lcmtool.eval.engine import evaluate
+    from lcmtool.engines.evaluate import evaluate
 
     res = evaluate(source, classifier=classifier, device=device, refs_per_prompt=refs)
     if json_out:
@@ -346,15 +346,15 @@ def bench(
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_out else print
     results = []
     if merge:
-        from lcmtool.lora.bench import bench_merge
+        from lcmtool.bench.merge import bench_merge
 
         results.append({"bench": "merge", **bench_merge(echo=log)})
     if sample:
-        from lcmtool.sample.bench import bench_sample
+        from lcmtool.bench.sample import bench_sample
 
         results.append({"bench": "sample", **bench_sample(model=model, device=device, log=log)})
     if distill:
-        from lcmtool.distill.bench import bench_distill
+        from lcmtool.bench.distill import bench_distill
 
         dev = None if device == "auto" else device
         results.extend({"bench": "distill", **row} for row in bench_distill(device=dev, log=log))

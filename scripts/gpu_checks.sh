@@ -11,6 +11,6 @@ fi
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp}
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sample_gpu.py 2>&1 | tail -15
 for m in random:sd15 random:sdxl; do  # ~1-2 min each on an H200
-  timeout 150 python3 -m lcmtool.sample.bench model=$m n=3 warm=1 2>&1 | tail -8 | tee -a "$OUT/bench_sample.txt"
+  timeout 150 python3 -m lcmtool.bench.sample model=$m n=3 warm=1 2>&1 | tail -8 | tee -a "$OUT/bench_sample.txt"
 done
 timeout 240 python3 -m lcmtool bench --distill --device cuda --json 2>&1 | tail -8 | tee -a "$OUT/bench_distill.txt"

@@ -18,7 +18,7 @@ mkdir -p "$OUT" "$W"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 s=$SECONDS
 waves() {  # waves LIMIT_S LIST
-  timeout "$1" python3 -m lcmtool.demo.train --stage all --waves "$2" --out $A --work $W --device "$DEV" $EXTRA \
+  timeout "$1" python3 tools/demo_models.py --stage all --waves "$2" --out $A --work $W --device "$DEV" $EXTRA \
     > "$OUT/waves-${2//,/}.log" 2>&1
   local rc=$?
   echo "waves $2: exit $rc at $((SECONDS - s)) s"

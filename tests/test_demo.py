@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from lcmtool.demo import arch, world
-from lcmtool.models import ASSETS
+from lcmtool.demo import ASSETS
 
 DATA = Path(__file__).parent / "data"
 REGEN = os.environ.get("LCMTOOL_REGEN") == "1"

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from lcmtool.demo import train
+import demo_models as train  # tools/demo_models.py (pytest pythonpath: tools)
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from lcmtool.cli import app
 from lcmtool.demo import world
 from lcmtool.errors import LcmError
-from lcmtool.eval import classifier as clf
-from lcmtool.eval import metrics
+from lcmtool.demo import classifier as clf
+from lcmtool.demo import metrics
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_resolved_config_written_beside_merge_output(tmp_path):
     from typer.testing import CliRunner
 
     from lcmtool.cli import app
-    from lcmtool.models import ASSETS
+    from lcmtool.demo import ASSETS
 
     out = tmp_path / "m.safetensors"
     r = CliRunner().invoke(app, ["merge", "--style", str(ASSETS / "style-outline-demo-sd.safetensors"),

@@ -4,8 +4,9 @@ import torch
 from safetensors.torch import save_file
 
 from lcmtool.errors import LcmError
-from lcmtool.lora import formats, sgm, synth
-from lcmtool.lora import merge as M
+from lcmtool.lora import formats, synth
+from lcmtool.models import ldm_names as sgm
+from lcmtool.lora import math as M
 from lcmtool.lora.io import load_lora, save_lora, unet_preset
 
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from lcmtool.cli import app
 from lcmtool.lora.io import load_lora
-from lcmtool.models import ASSETS
+from lcmtool.demo import ASSETS
 
 BASE = ASSETS / "demo-sd"
 STYLE = ASSETS / "style-outline-demo-sd.safetensors"
@@ -71,7 +71,7 @@ def test_fuse_folder_equals_base_plus_merged_delta_and_loads_in_diffusers(fused)
 
 
 def test_fuse_single_file_holds_the_same_unet(fused, tmp_path):
-    mc = pytest.importorskip("lcmtool.models_convert")
+    mc = pytest.importorskip("lcmtool.models.export")
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -82,7 +82,7 @@ def test_fuse_single_file_holds_the_same_unet(fused, tmp_path):
     assert r.exit_code == 0, r.output
     sf = load_file(str(out))
     unet = UNet2DConditionModel.from_pretrained(d / "fused" / "unet")
-    want = mc.unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
+    want = mc.unet_to_ldm(unet.state_dict(), unet.config)
     assert want and all(torch.equal(sf[k], v) for k, v in want.items())
     assert any(k.startswith("first_stage_model.") for k in sf) and any(k.startswith("cond_stage_model.") for k in sf)
 

@@ -1,7 +1,7 @@
 """Merge math (paper eq. 3) per module in fp32: exact concat, svd truncation, and why factors are never averaged."""
 import torch
 
-from lcmtool.lora import merge as M
+from lcmtool.lora import math as M
 from lcmtool.lora.io import LoraModule
 
 REL = 1e-6

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from lcmtool.lora import formats, synth
-from lcmtool.lora import merge as M
-from lcmtool.lora.engine import MergeConfig, run_merge
+from lcmtool.lora import math as M
+from lcmtool.engines.merge import MergeConfig, run_merge
 from lcmtool.lora.io import load_lora, unet_preset
 
 L1, L2 = 0.8, 1.0

@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lcmtool.lora import merge as M
+from lcmtool.lora import math as M
 from lcmtool.lora import synth
-from lcmtool.lora.engine import MergeConfig, run_merge
+from lcmtool.engines.merge import MergeConfig, run_merge
 from lcmtool.lora.io import SafetensorsReader, load_lora, save_lora
 
 SHAPES = {f"down_blocks.0.attentions.{i}.transformer_blocks.0.attn2.to_k": (96, 768) for i in range(3)}

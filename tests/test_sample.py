@@ -98,8 +98,8 @@ def stock_scheduler(name: str, cfg):
 @pytest.mark.parametrize("fam", ["sd", "xl"])
 def test_schedulers_match_plain_diffusers(demo_folders, fam):
     """lcm 4 steps w=1, dpmpp 4 steps w=7.5, ddim 4 steps w=7.5: lcmtool's image == stock diffusers' image."""
-    from lcmtool.models import load_pipeline
-    from lcmtool.sample.engine import Job, generate, set_scheduler
+    from lcmtool.models.load import load_pipeline
+    from lcmtool.engines.sample import Job, generate, set_scheduler
 
     ours, family = load_pipeline(demo_folders[fam], torch.float32, "cpu")
     assert family == ("sd15" if fam == "sd" else "sdxl")
@@ -120,7 +120,7 @@ def test_no_sync_schedulers_equal_stock():
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
     from lcmtool.demo.arch import SD15_SCHEDULER
-    from lcmtool.sample.schedulers import make_scheduler
+    from lcmtool.models.schedulers import make_scheduler
 
     stock = {"lcm": LCMScheduler, "ddim": DDIMScheduler, "tcd": TCDScheduler, "euler": EulerDiscreteScheduler,
              "dpmpp": DPMSolverMultistepScheduler}
@@ -143,7 +143,7 @@ def test_no_sync_schedulers_equal_stock():
 
 def test_pinned_config_ignores_checkpoint_scheduler_settings():
     """A checkpoint's own spacing/offset/karras settings do not leak in; its betas and prediction type do."""
-    from lcmtool.sample.schedulers import pinned_config
+    from lcmtool.models.schedulers import pinned_config
 
     odd = dict(num_train_timesteps=1000, beta_start=0.001, beta_end=0.02, beta_schedule="linear",
                prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0, use_karras_sigmas=True)
@@ -205,8 +205,8 @@ def test_bad_inputs(case, demo_folders, loras, tmp_path):
 
 def test_default_model_is_demo_sd(monkeypatch, tmp_path):
     """`lcmtool sample` with no --model samples demo:sd; where the demo assets are missing: one clear line, exit 2."""
-    from lcmtool.models import ASSETS, DEMO_MODELS
-    from lcmtool.sample.engine import SampleConfig
+    from lcmtool.demo import ASSETS, DEMO_MODELS
+    from lcmtool.engines.sample import SampleConfig
 
     assert SampleConfig().model == "demo:sd"
     if (ASSETS / DEMO_MODELS["sd"] / "model_index.json").is_file():
@@ -221,7 +221,7 @@ def test_default_model_is_demo_sd(monkeypatch, tmp_path):
 def test_json_metadata_and_seeds(demo_folders, loras, tmp_path):
     """--json lines parse; PNG metadata round-trips; same seed -> same image; image k uses seed + k."""
     from lcmtool.fileio import sha256_file
-    from lcmtool.sample.outputs import read_png_meta
+    from lcmtool.outputs.png import read_png_meta
 
     common = ["sample", "--model", demo_folders["sd"], "--prompt", PROMPT, "--steps", 2, "--lora",
               loras["sd-kohya"] + ":0.5"]
@@ -249,7 +249,7 @@ def test_prompts_file_jsonl_and_compare_grid(demo_folders, tmp_path):
     """JSONL prompts with per-line seeds; compare writes one labelled grid with timings per column."""
     from PIL import Image
 
-    from lcmtool.sample.outputs import read_png_meta
+    from lcmtool.outputs.png import read_png_meta
 
     pf = tmp_path / "p.jsonl"
     pf.write_text(json.dumps({"prompt": PROMPT, "seed": 11}) + "\n" + "a small blue square at the top\n")
@@ -276,7 +276,7 @@ def test_prompts_file_jsonl_and_compare_grid(demo_folders, tmp_path):
 
 def test_read_prompts_null_negative_bad_encoding_and_seed_range(tmp_path):
     from lcmtool.errors import LcmError
-    from lcmtool.sample.engine import read_prompts
+    from lcmtool.engines.sample import read_prompts
 
     pf = tmp_path / "p.jsonl"
     pf.write_text(json.dumps({"prompt": PROMPT, "negative_prompt": None}) + "\n")
@@ -300,7 +300,7 @@ def test_out_that_is_a_file_fails_before_loading(demo_folders, tmp_path):
 
 def test_summary_ms_per_image_and_grad_left_on(monkeypatch, demo_folders, tmp_path):
     """The summary line averages ms per image (batch_ms is the whole batch's); sampling leaves autograd on."""
-    import lcmtool.sample.engine as engine
+    import lcmtool.engines.sample as engine
 
     res = cli("sample", "--model", demo_folders["sd"], "--prompt", PROMPT, "--steps", 1, "--lora", "none",
               "--out", tmp_path / "real")

@@ -1,6 +1,6 @@
 """Single-file checkpoints (LDM/SGM layout, as A1111/ComfyUI keep them) load offline, with the shipped presets.
 
-Fixtures: the demo teachers converted diffusers -> single file by lcmtool.models_convert (diffusers' own
+Fixtures: the demo teachers converted diffusers -> single file by lcmtool.models.export (diffusers' own
 from_single_file conversion is the oracle for the way back). Real architectures (SD-1.5, SDXL, SSD-1B) are
 checked on the meta device: preset -> modules -> single-file keys -> family and derived architecture.
 """
@@ -17,9 +17,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from lcmtool import models_convert as mc
+from lcmtool.models import export as mc
+from lcmtool.models import ldm_names
 from lcmtool.cli import app
-from lcmtool.models import ASSETS, PRESETS, load_pipeline, single_file_family, write_clip_tokenizer
+from lcmtool.demo import ASSETS
+from lcmtool.models import single_file as sf
+from lcmtool.models.load import load_pipeline
+from lcmtool.models.single_file import PRESETS, single_file_family, write_clip_tokenizer
 
 DEMO = {"sd": ASSETS / "demo-sd", "xl": ASSETS / "demo-xl"}
 
@@ -153,15 +157,15 @@ def test_family_and_architecture_from_real_keys(family):
         assert shapes["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
         assert shapes["model.diffusion_model.label_emb.0.0.weight"] == (1280, 2816)
     # keys -> architecture -> the same modules, shape for shape
-    derived = mc.derive_unet(shapes, cfg["unet"], family)
+    derived = sf.derive_unet(shapes, cfg["unet"], family)
     with torch.device("meta"):
         again = UNet2DConditionModel.from_config(derived)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
-    assert mc.derive_vae(shapes, cfg["vae"]) == cfg["vae"] | {"use_quant_conv": True, "use_post_quant_conv": True}
-    prefix = mc.CLIP_SD15 if family == "sd15" else mc.CLIP_L_XL
-    assert mc.derive_clip(shapes, prefix, cfg["text_encoder"]) == cfg["text_encoder"]
+    assert sf.derive_vae(shapes, cfg["vae"]) == cfg["vae"] | {"use_quant_conv": True, "use_post_quant_conv": True}
+    prefix = ldm_names.CLIP_SD15 if family == "sd15" else ldm_names.CLIP_L_XL
+    assert sf.derive_clip(shapes, prefix, cfg["text_encoder"]) == cfg["text_encoder"]
     if family != "sd15":
-        assert mc.derive_clip(shapes, mc.CLIP_G_XL, cfg["text_encoder_2"], open_clip=True) == cfg["text_encoder_2"]
+        assert sf.derive_clip(shapes, ldm_names.CLIP_G_XL, cfg["text_encoder_2"], open_clip=True) == cfg["text_encoder_2"]
         assert derived["addition_time_embed_dim"] == 256
 
 
@@ -174,8 +178,8 @@ def test_ssd1b_up_path_is_read_from_keys():
                 reverse_transformer_layers_per_block=[[4, 4, 2], [2, 1, 1], [1, 1, 1]])
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(asym)
-    shapes = {k: tuple(v.shape) for k, v in mc.unet_to_ldm(unet.state_dict(), 2).items()}
-    derived = mc.derive_unet(shapes, base, "ssd1b")
+    shapes = {k: tuple(v.shape) for k, v in mc.unet_to_ldm(unet.state_dict(), unet.config).items()}
+    derived = sf.derive_unet(shapes, base, "ssd1b")
     assert derived["reverse_transformer_layers_per_block"] == [[4, 4, 2], [2, 1, 1], [1, 1, 1]]
     with torch.device("meta"):
         again = UNet2DConditionModel.from_config(derived)

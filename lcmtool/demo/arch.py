@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from lcmtool.demo.world import VOCAB_WORDS
+from lcmtool.models.single_file import bytes_to_unicode
 
 MAX_TOKENS = 24  # longest demo caption is 22 tokens with BOS/EOS
 # SD-1.5's scheduler_config.json (PNDMScheduler; scaled_linear, 0.00085 -> 0.012, 1000 steps)
@@ -50,19 +51,6 @@ def text_config(hidden: int, layers: int, vocab: int, projection_dim: int | None
                 hidden_act="quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def build_tokenizer(folder: str | Path | None = None):
     """A CLIPTokenizer whose BPE vocabulary covers the demo language (every demo word is one token).
 
@@ -71,7 +59,7 @@ def build_tokenizer(folder: str | Path | None = None):
     """
     from transformers import CLIPTokenizer
 
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     # BPE training on the demo words: merge the most frequent pair until every word is one token; applying
     # the merges in rank order (what CLIPTokenizer does) then reproduces exactly these segmentations.

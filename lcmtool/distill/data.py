@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,8 @@ class Source:
     kind: str
     items: list
     skipped: int = 0  # unreadable images met while iterating (counted, never a crash)
+    # a plug-in's source makes its own chunks: (source, resolution, rng, chunk, device) -> (images, captions, geo)
+    chunks: Callable | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -47,16 +49,25 @@ class Source:
         return h.hexdigest()[:16]
 
 
+_DATA_SCHEMES: dict[str, Callable[[str, int, int], Source]] = {}
+
+
+def register_data_scheme(scheme: str, open_fn: Callable[[str, int, int], Source]) -> None:
+    """`scheme:name` data specs (e.g. `demo:shapes`) open through `open_fn(spec, num_samples, seed)`."""
+    _DATA_SCHEMES[scheme] = open_fn
+
+
 def open_source(spec: str, num_samples: int = 0, seed: int = 0) -> Source:
     """List a data source without decoding it; an empty or missing source is an LcmError before any model loads."""
     if not spec:
         raise LcmError("no training data: pass --data (an image folder, a WebDataset tar glob, or demo:shapes)")
-    if spec.startswith("demo:"):
-        if spec != "demo:shapes":
-            raise LcmError(f"unknown demo data {spec!r} (known: demo:shapes)")
-        if num_samples <= 0:
-            raise LcmError("data demo:shapes needs num_samples > 0")
-        return Source(spec, "demo", list(range(num_samples)))
+    scheme, sep, _ = spec.partition(":")
+    if sep and scheme.isidentifier() and len(scheme) > 1:
+        from lcmtool.models.load import load_plugins
+
+        load_plugins()
+        if scheme in _DATA_SCHEMES:
+            return _DATA_SCHEMES[scheme](spec, num_samples, seed)
     if any(c in spec for c in "*?[") or spec.endswith(".tar"):
         tars = sorted(glob.glob(os.path.expanduser(spec)))
         if not tars:
@@ -161,17 +172,8 @@ def iterate(source: Source, resolution: int, center_crop: bool = True, seed: int
     from PIL import Image, UnidentifiedImageError
 
     rng = random.Random(seed)
-    if source.kind == "demo":
-        from lcmtool.demo import world
-
-        if resolution != world.SIZE:
-            raise LcmError(f"demo:shapes renders {world.SIZE}px images; the model trains at {resolution}px")
-        for start in range(0, len(source.items), chunk):
-            scenes = [world.sample_scene(rng, "train") for _ in range(min(chunk, len(source.items) - start))]
-            imgs = world.render(scenes, device=device)
-            row = [resolution, resolution, 0, 0, resolution, resolution]  # no crop: orig = target size
-            geo = torch.tensor([row] * len(scenes), dtype=torch.float32)
-            yield imgs, [world.caption(s) for s in scenes], geo
+    if source.chunks is not None:
+        yield from source.chunks(source, resolution, rng, chunk, device)
         return
     imgs, caps, geo = [], [], []
     open_tars: dict[str, tarfile.TarFile] = {}

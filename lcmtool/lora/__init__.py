@@ -1,6 +1,6 @@
 """LoRA files and task arithmetic: one canonical form (diffusers module path -> A, B, alpha) inside.
 
-formats.py names (kohya / kohya-SGM / diffusers / peft), sgm.py the SDXL block map, io.py load / save, merge.py the
-pure tensor math, engine.py the merge / inspect / convert engines, bench.py the merge benchmark.
-No model code is imported here at module level.
+formats.py names the key formats (kohya / kohya-SGM / diffusers / peft), io.py reads and writes files, math.py is
+the pure tensor math of eq. 3 (concat, svd, weighted deltas), fuse.py adds deltas into a module's weights,
+synth.py makes synthetic LoRAs on a real module set. No model code is imported here.
 """

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from lcmtool.errors import LcmError
-from lcmtool.lora import sgm
+from lcmtool.models import ldm_names as sgm
 
 FORMATS = ("kohya", "kohya-sgm", "diffusers", "diffusers-old", "peft")
 WRITE_FORMATS = ("kohya", "kohya-sgm", "diffusers", "peft")

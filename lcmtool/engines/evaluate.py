@@ -120,9 +120,9 @@ def load_images(paths: list[Path]) -> torch.Tensor:
 def evaluate(source: str | Path, classifier: str | Path | None = None, device: str = "cpu",
              refs_per_prompt: int | None = None) -> dict:
     """Score a folder / JSONL of generated images: metrics.score plus input and classifier facts."""
-    from lcmtool.eval import metrics
-    from lcmtool.eval.classifier import DEFAULT_PATH, load_classifier
-    from lcmtool.models import resolve_device
+    from lcmtool.demo import metrics
+    from lcmtool.demo.classifier import DEFAULT_PATH, load_classifier
+    from lcmtool.models.load import resolve_device
 
     if refs_per_prompt is None:
         refs_per_prompt = metrics.REFS_PER_PROMPT

@@ -9,6 +9,14 @@ except for the last block, one [Downsample]; middle_block = [ResBlock, SpatialTr
 """
 from __future__ import annotations
 
+# Key prefixes of the single-file layout. SD-1.5 keeps CLIP ViT-L in the transformers layout; SDXL keeps CLIP ViT-L
+# the same way and OpenCLIP ViT-bigG in OpenCLIP's own layout (fused qkv, resblocks, transposed text_projection).
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP_SD15 = "cond_stage_model.transformer."
+CLIP_L_XL = "conditioner.embedders.0.transformer."
+CLIP_G_XL = "conditioner.embedders.1.model."
+
 # Inside a ResBlock the SGM layers have other names than diffusers' ResnetBlock2D.
 _RESNET_SGM_TO_DIFFUSERS = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
                             "skip_connection": "conv_shortcut", "in_layers.0": "norm1", "out_layers.0": "norm2"}

@@ -1,6 +1,6 @@
 """The demo world's training recipe: VAE -> SD-family and SDXL-family teachers -> style LoRAs and LCM-LoRAs.
 
-`python -m lcmtool.demo.train --stage all --out lcmtool/demo/assets` (what `make demo-models` runs) goes in three
+`python tools/demo_models.py --stage all --out lcmtool/demo/assets` (what `make demo-models` runs) goes in three
 waves: the VAE; both teachers; the style LoRAs and both LCM-LoRAs. On CUDA the stages of a wave run as parallel
 processes (logs in --work), and `--waves 1,2` then `--waves 3` splits the recipe into two commands. Every stage is
 seeded; steps, batch sizes and the GPU time budgets live in RECIPE below. Loss curves are saved as PNG beside the
@@ -29,7 +29,10 @@ import torch.nn.functional as F
 
 from lcmtool.demo import arch, world
 from lcmtool.fileio import atomic_path, atomic_write_text
-from lcmtool.plot import line_chart, smooth
+from lcmtool.outputs.plot import line_chart, smooth
+
+REPO = Path(__file__).resolve().parent.parent  # the recipe lives in tools/, outside the runtime package
+ASSETS = REPO / "lcmtool" / "demo" / "assets"
 
 # On CUDA the VAE and the teachers are time-budgeted (budget_s, the wall time of their training loop on one H200):
 # the teacher's cosine schedule is fitted to the budget (its decay completes), the VAE stops at the budget. The
@@ -339,7 +342,7 @@ def run_parallel(stages: list[str], common: list[str], work: Path, timings: dict
     procs = {}
     for st in stages:
         logf = open(work / f"{st}.log", "w")
-        cmd = [sys.executable, "-m", "lcmtool.demo.train", "--stage", st, *common]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", st, *common]
         # each stage leads its own process group, so stopping it also stops what it started (lcm: the distill)
         procs[st] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True), logf,
                      time.time())
@@ -389,9 +392,9 @@ def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
         fam = st.split("-")[1]
         run = work / f"lcm-run-{fam}"
         # the shipped teacher is named by its spec (demo:sd), so the LoRA's metadata holds no local path
-        shipped = out.resolve() == (Path(__file__).parent / "assets").resolve()
+        shipped = out.resolve() == ASSETS.resolve()
         teacher = f"demo:{fam}" if shipped else str(out / f"demo-{fam}")
-        subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", f"configs/distill/demo-{fam}.yaml",
+        subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", str(REPO / f"configs/distill/demo-{fam}.yaml"),
                         "--model", teacher, "--out", str(run), "--set", f"device={dev}"]
                        + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
         shutil.copy(run / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
@@ -404,7 +407,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--stage", default="all",
                     choices=["all", "vae", "teacher-sd", "teacher-xl", "style-sd", "style-xl", "lcm-sd", "lcm-xl"])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "assets"))
+    ap.add_argument("--out", default=str(ASSETS))
     ap.add_argument("--work", default="runs/demo-train", help="intermediates: the fp32 VAE, distill runs, logs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--distill-steps", type=int, default=None, help="lcm stages: override the config's max_steps")

@@ -104,7 +104,7 @@ def load_teacher(spec: str):
     import torch
     from diffusers import DiffusionPipeline
 
-    from lcmtool.models import family_of_pipeline, resolve_model
+    from lcmtool.models.load import family_of_pipeline, resolve_model
 
     ref = resolve_model(spec)
     if ref.kind == "single-file":
@@ -239,8 +239,8 @@ def save_tau_lcm(unet, path: Path, fmt: str, family: str, dtype, metadata: dict)
 
 
 def loss_curve_png(points: list[tuple[int, float]], path: Path, title: str = "LCD loss") -> None:
-    """The logged loss against the step (log-scale y): raw and a running mean, drawn by lcmtool.plot."""
-    from lcmtool.plot import line_chart, smooth
+    """The logged loss against the step (log-scale y): raw and a running mean, drawn by lcmtool.outputs.plot."""
+    from lcmtool.outputs.plot import line_chart, smooth
 
     steps, ys = [s for s, _ in points], [v for _, v in points]
     line_chart({"loss": ys, "running mean": smooth(ys, max(3, len(ys) // 15))}, path, title=title, x=steps)

@@ -39,7 +39,7 @@ def bench_distill(families=("sd15", "sdxl"), device: str | None = None, batch: d
 
     from lcmtool.demo.arch import SD15_SCHEDULER
     from lcmtool.distill import lcd
-    from lcmtool.distill.trainer import LCM_LORA_TARGETS, lcd_pred_target
+    from lcmtool.engines.distill import LCM_LORA_TARGETS, lcd_pred_target
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")

@@ -16,7 +16,7 @@ from lcmtool.config import write_resolved
 from lcmtool.errors import LcmError
 from lcmtool.fileio import sha256_file
 from lcmtool.lora import formats
-from lcmtool.lora import merge as M
+from lcmtool.lora import math as M
 from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, load_lora, save_lora
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -139,11 +139,11 @@ def _family(inputs: list[LoraFile]) -> str | None:
 
 def default_lcm(model: str | None) -> str:
     """The LCM-LoRA lcmtool ships for `model`; LcmError where there is none."""
-    from lcmtool.models import ASSETS, DEMO_LCM_LORAS
+    from lcmtool.models.load import resolve_model
 
-    name = (model or "").removeprefix("demo:")
-    if model and model.startswith("demo:") and name in DEMO_LCM_LORAS and (ASSETS / DEMO_LCM_LORAS[name]).is_file():
-        return str(ASSETS / DEMO_LCM_LORAS[name])
+    ref = resolve_model(model) if model else None
+    if ref is not None and ref.lcm_lora and Path(ref.lcm_lora).is_file():
+        return ref.lcm_lora
     raise LcmError("--lcm is required" + (f" (lcmtool ships no LCM-LoRA for model '{model}')" if model else ""))
 
 
@@ -250,10 +250,10 @@ def _stored_dtype(model: str) -> torch.dtype:
     """The dtype the base model's UNet weights are stored in (fp32 when that cannot be read cheaply)."""
     from safetensors import safe_open
 
-    from lcmtool.models import resolve_model
+    from lcmtool.models.load import resolve_model
 
     ref = resolve_model(model)
-    if ref.kind in ("demo", "folder"):
+    if ref.kind == "folder":
         files = sorted((Path(ref.location) / "unet").glob("*.safetensors"))
     elif ref.kind == "single-file" and ref.location.endswith(".safetensors"):
         files = [Path(ref.location)]
@@ -271,7 +271,7 @@ def _stored_dtype(model: str) -> torch.dtype:
 def _fuse(cfg: MergeConfig, fmt: str, merged: dict[str, LoraModule], family: str | None, record: dict) -> dict:
     """theta = theta_pre + tau'_LCM: load the base in fp32, add every merged delta, write a diffusers folder or
     a single-file checkpoint (atomically) in the base's stored dtype unless --dtype says otherwise."""
-    from lcmtool.models import load_pipeline
+    from lcmtool.models.load import load_pipeline
 
     dtype = _stored_dtype(cfg.model) if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
     pipe, model_family = load_pipeline(cfg.model, dtype=torch.float32, device="cpu")
@@ -322,15 +322,15 @@ def _check_folder_out(out: Path) -> None:
 
 
 def _save_single_file(pipe, out: Path, family: str, record: dict) -> None:
-    """One LDM / SGM-named checkpoint (what A1111 and ComfyUI load), through lcmtool.models_convert."""
+    """One LDM / SGM-named checkpoint (what A1111 and ComfyUI load), through lcmtool.models.export."""
     from safetensors.torch import save_file
 
     from lcmtool.fileio import atomic_path
 
     try:
-        from lcmtool.models_convert import to_single_file
+        from lcmtool.models.export import to_single_file
     except ImportError:
-        raise LcmError("--format single-file needs lcmtool.models_convert, which this install lacks; "
+        raise LcmError("--format single-file needs lcmtool.models.export, which this install lacks; "
                        "write a diffusers folder instead") from None
     sd = to_single_file(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     sd = {k: v.detach().contiguous() for k, v in sd.items()}

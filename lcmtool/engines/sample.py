@@ -19,8 +19,8 @@ from typing import Literal, Optional
 
 from lcmtool import __version__
 from lcmtool.errors import LcmError
-from lcmtool.models import resolve_model
-from lcmtool.sample.schedulers import (
+from lcmtool.models.load import resolve_model
+from lcmtool.models.schedulers import (
     DEFAULT_GUIDANCE,
     LCM_ORIGINAL_STEPS,
     SAMPLER_NAMES,
@@ -182,17 +182,14 @@ def parse_loras(specs: list[str]) -> list[tuple[str, float]] | None:
 
 
 def default_loras(model: str, scheduler: str) -> list[tuple[str, float]]:
-    """On a demo model the shipped LCM-LoRA is applied for lcm/tcd (issue 6); elsewhere nothing."""
-    from lcmtool.models import ASSETS, DEMO_LCM_LORAS
-
-    if not model.startswith("demo:") or scheduler not in ("lcm", "tcd"):
+    """A model that ships an LCM-LoRA (the demo models) gets it for lcm/tcd (issue 6); elsewhere nothing."""
+    ref = resolve_model(model)
+    if scheduler not in ("lcm", "tcd") or not ref.lcm_lora:
         return []
-    name = model.split(":", 1)[1]
-    path = ASSETS / DEMO_LCM_LORAS.get(name, "")
-    if name not in DEMO_LCM_LORAS or not path.is_file():
-        raise LcmError(f"the demo LCM-LoRA for {model} is not built at {path} (run `make demo-models`), "
+    if not Path(ref.lcm_lora).is_file():
+        raise LcmError(f"the LCM-LoRA shipped for {model} is not built at {ref.lcm_lora} (run `make demo-models`), "
                        "or pass --lora none to sample the plain teacher")
-    return [(str(path), 1.0)]
+    return [(ref.lcm_lora, 1.0)]
 
 
 def check_steps(scheduler: str, steps: int, timesteps: list[int] | None) -> int:
@@ -229,7 +226,7 @@ def check_guidance(scheduler: str, guidance: float | None, negatives: bool, step
 def load(model: str, device: str, dtype: str, model_config: str | None = None, tokenizer: str | None = None):
     """-> (pipe, family, device, load ms). No global grad switch: diffusers' pipeline call and the LoRA fuse
     run under no_grad themselves, and a process-wide set_grad_enabled(False) leaked into later callers."""
-    from lcmtool.models import load_pipeline, resolve_device, resolve_dtype
+    from lcmtool.models.load import load_pipeline, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -259,9 +256,9 @@ def check_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]]) ->
     from lcmtool.lora.io import load_lora
 
     files = [(load_lora(p), w) for p, w in loras]
-    demo = spec.startswith("demo:")
+    strict = resolve_model(spec).strict_family
     for lf, _ in files:
-        if not demo and lf.family and family and lf.family != family:
+        if strict and lf.family and family and lf.family != family:
             raise LcmError(f"LoRA {lf.path} is for {lf.family} but {spec} is {family}")
     check_fit(pipe.unet, files, spec)
     return files
@@ -274,7 +271,7 @@ def apply_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], fu
     if not loras:
         return []
     from lcmtool.fileio import sha256_file
-    from lcmtool.lora.merge import fuse_into_unet
+    from lcmtool.lora.math import fuse_into_unet
 
     if files is None:
         files = check_loras(pipe, family, spec, loras)
@@ -343,7 +340,7 @@ def _next_index(out: Path) -> int:
 def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
     """`lcmtool sample`: images for every prompt x num_images; returns one record per PNG written."""
     from lcmtool.config import write_resolved
-    from lcmtool.sample.outputs import save_png
+    from lcmtool.outputs.png import save_png
 
     if cfg.batch_size < 1:
         raise LcmError(f"--batch-size must be >= 1, got {cfg.batch_size}")
@@ -441,7 +438,7 @@ def parse_run(spec: str) -> tuple[str, int, float | None]:
 def compare(cfg: CompareConfig) -> dict:
     """`lcmtool compare`: one grid, rows = prompt x seed, columns = scheduler:steps, each with its ms/image."""
     from lcmtool.config import write_resolved
-    from lcmtool.sample.outputs import grid, save_png
+    from lcmtool.outputs.png import grid, save_png
 
     jobs = read_prompts(cfg.prompt, cfg.prompts, cfg.negative_prompt, cfg.seed, cfg.num_images)
     resolve_model(cfg.model)

@@ -12,7 +12,7 @@ import torch
 
 from lcmtool.demo import world
 from lcmtool.errors import LcmError
-from lcmtool.eval import classifier as clf
+from lcmtool.demo import classifier as clf
 
 REFS_PER_PROMPT = 4  # rendered references per generated image for FD-demo
 

@@ -258,7 +258,7 @@ def _train(out_path, steps, batch, device, seed, log, lr, eval_n) -> dict:
     meta = {"format": FORMAT, "config": json.dumps(model.config), "heldout_acc": json.dumps(acc),
             "heldout_n": str(eval_n), "steps": str(steps), "batch": str(batch), "seed": str(seed),
             "seconds": f"{seconds:.1f}", "device": str(device), "torch": torch.__version__,
-            "produced_by": "lcmtool.eval.classifier.train_classifier"}
+            "produced_by": "lcmtool.demo.classifier.train_classifier"}
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
              if not k.endswith("num_batches_tracked")}
     with atomic_path(out_path) as tmp:

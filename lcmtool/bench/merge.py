@@ -21,7 +21,7 @@ import torch
 
 _CHILD = r"""
 import json, sys, time
-from lcmtool.lora.engine import MergeConfig, run_merge
+from lcmtool.engines.merge import MergeConfig, run_merge
 args = json.loads(sys.argv[1])
 t = time.perf_counter()
 rep = run_merge(MergeConfig(**args)) if args else {}

@@ -88,8 +88,8 @@ def bench_sample(model: str = "demo:sd", device: str = "auto", dtype: str = "aut
 
     from lcmtool.lora.io import save_lora
     from lcmtool.lora.synth import synth_lora, target_shapes
-    from lcmtool.models import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
-    from lcmtool.sample.engine import Job, apply_loras, default_loras, generate, set_scheduler
+    from lcmtool.models.load import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
+    from lcmtool.engines.sample import Job, apply_loras, default_loras, generate, set_scheduler
 
     quiet_libraries()
     dev = resolve_device(device)

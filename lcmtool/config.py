@@ -1,10 +1,12 @@
 """Typed command configs: dataclass defaults < YAML file (--config) < flags < --set dotted.key=value.
 
-Unknown keys and values of the wrong type are LcmError naming the key. The resolved config is written
-next to every output (`write_resolved`).
+Each option is declared once, as a dataclass field made by `opt(default, help)`: cli.py derives the command's
+Typer options from these fields (a field without help is a config key only). Unknown keys and values of the wrong
+type are LcmError naming the key. The resolved config is written next to every output (`write_resolved`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -17,6 +19,15 @@ from lcmtool.errors import LcmError
 from lcmtool.fileio import atomic_write_text
 
 T = TypeVar("T")
+
+
+def opt(default: Any = None, help: str = "", *, argument: bool = False, flag: str | None = None) -> Any:
+    """A config field that is also a CLI option (`--name-with-dashes`, or `flag`); `argument`: a positional one.
+    An empty help keeps the field a config key only (YAML / --set)."""
+    meta = {"help": help, "argument": argument, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -63,6 +74,17 @@ def parse_set(items: list[str] | None) -> dict:
     return out
 
 
+def _pairs(text: str, key: str) -> dict:
+    """'down=1,up=0.8' -> {'down': 1, 'up': 0.8} (values parsed as YAML scalars)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise LcmError(f"config key '{key}': takes name=value pairs, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = _scalar(v.strip())
+    return out
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -104,6 +126,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
+        if isinstance(value, str):  # "down=1,up=0.8" from a flag or --set
+            value = _pairs(value, key)
         if not isinstance(value, dict):
             raise LcmError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
         return dict(value)

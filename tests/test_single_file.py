@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from lcmtool.models import export as mc
-from lcmtool.models import ldm_names
 from lcmtool.cli import app
 from lcmtool.demo import ASSETS
+from lcmtool.models import export as mc
+from lcmtool.models import ldm_names
 from lcmtool.models import single_file as sf
 from lcmtool.models.load import load_pipeline
 from lcmtool.models.single_file import PRESETS, single_file_family, write_clip_tokenizer
@@ -165,7 +165,8 @@ def test_family_and_architecture_from_real_keys(family):
     prefix = ldm_names.CLIP_SD15 if family == "sd15" else ldm_names.CLIP_L_XL
     assert sf.derive_clip(shapes, prefix, cfg["text_encoder"]) == cfg["text_encoder"]
     if family != "sd15":
-        assert sf.derive_clip(shapes, ldm_names.CLIP_G_XL, cfg["text_encoder_2"], open_clip=True) == cfg["text_encoder_2"]
+        te2 = cfg["text_encoder_2"]
+        assert sf.derive_clip(shapes, ldm_names.CLIP_G_XL, te2, open_clip=True) == te2
         assert derived["addition_time_embed_dim"] == 256
 
 

@@ -394,7 +394,8 @@ def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
         # the shipped teacher is named by its spec (demo:sd), so the LoRA's metadata holds no local path
         shipped = out.resolve() == ASSETS.resolve()
         teacher = f"demo:{fam}" if shipped else str(out / f"demo-{fam}")
-        subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", str(REPO / f"configs/distill/demo-{fam}.yaml"),
+        config = REPO / f"configs/distill/demo-{fam}.yaml"
+        subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", str(config),
                         "--model", teacher, "--out", str(run), "--set", f"device={dev}"]
                        + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
         shutil.copy(run / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")

@@ -1,2 +1,26 @@
 """`lcmtool bench`: lcmtool's path against the plain-diffusers path, measured in the same run (sample, merge,
-distill)."""
+distill). Each bench returns rows (dicts) of figures and ratios; the CLI prints them or emits them as JSON."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lcmtool.options import BenchConfig
+
+
+def run_bench(cfg: BenchConfig, log: Callable = print) -> list[dict]:
+    """The benches `cfg` names (the sample bench when it names none), in the order sample, merge, distill."""
+    rows: list[dict] = []
+    if cfg.sample or not (cfg.merge or cfg.distill):
+        from lcmtool.bench.sample import bench_sample
+
+        rows.append({"bench": "sample", **bench_sample(model=cfg.model, device=cfg.device, log=log)})
+    if cfg.merge:
+        from lcmtool.bench.merge import bench_merge
+
+        rows.append({"bench": "merge", **bench_merge(echo=log)})
+    if cfg.distill:
+        from lcmtool.bench.distill import bench_distill
+
+        device = None if cfg.device == "auto" else cfg.device
+        rows.extend({"bench": "distill", **row} for row in bench_distill(device=device, log=log))
+    return rows

@@ -16,6 +16,10 @@ import re
 from lcmtool.errors import LcmError
 from lcmtool.models import ldm_names as sgm
 
+# The 14 module kinds the released LCM-LoRAs (SD-1.5, SDXL, SSD-1B) train.
+LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
 FORMATS = ("kohya", "kohya-sgm", "diffusers", "diffusers-old", "peft")
 WRITE_FORMATS = ("kohya", "kohya-sgm", "diffusers", "peft")
 

@@ -5,11 +5,9 @@ import re
 
 import torch
 
+from lcmtool.lora.formats import LCM_TARGETS
 from lcmtool.lora.io import LoraFile, LoraModule, unet_preset
 
-# The 14 module kinds the released LCM-LoRAs (SD-1.5, SDXL, SSD-1B) train.
-LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 _TARGET_RE = re.compile(r"(^|\.)(" + "|".join(re.escape(t) for t in LCM_TARGETS) + r")$")
 
 

@@ -1,0 +1,178 @@
+"""Every command's options, declared once: each field is a config key (YAML, --set) and, with its help text, a CLI
+flag (`--num-images` for `num_images`), derived by cli.py. Defaults live here and nowhere else.
+
+No torch here (the CLI builds its help from this module). The engines take these configs: engines/sample.py
+(SampleConfig, CompareConfig), engines/merge.py (MergeConfig, InspectConfig, ConvertConfig), engines/distill.py
+(DistillConfig), engines/evaluate.py (EvalConfig), bench/ (BenchConfig).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from lcmtool.config import opt
+from lcmtool.lora.formats import LCM_TARGETS
+
+SchedulerName = Literal["lcm", "dpmpp", "ddim", "euler", "tcd"]
+DEFAULT_RUNS = ["lcm:1", "lcm:2", "lcm:4", "lcm:8", "dpmpp:4", "dpmpp:8", "dpmpp:25"]
+DEMO_PROMPTS = ["a large red circle on the left", "a small blue square at the top",
+                "a large white triangle in the centre",
+                "a small green cross on the right and a large red square on the left"]
+MODEL_HELP = "demo:sd (default) | demo:xl | diffusers folder | .safetensors/.ckpt single file | hub id."
+
+
+@dataclass
+class GenerationConfig:
+    """What `sample` and `compare` share: the model, the prompts, the seeds, the size, the machine."""
+    model: str = opt("demo:sd", MODEL_HELP)
+    model_config: Optional[str] = opt(None, "Single-file checkpoints: a diffusers config folder to use instead of "
+                                            "the shipped preset.")
+    tokenizer: Optional[str] = opt(None, "Single-file checkpoints: a tokenizer folder (default: the shipped CLIP "
+                                         "tokenizer).")
+    prompt: Optional[str] = opt(None, "The prompt.")
+    prompts: Optional[str] = opt(None, "File: a prompt a line, or JSONL {prompt, seed, negative_prompt}; - reads "
+                                       "stdin.")
+    negative_prompt: str = opt("", "Negative prompt (has an effect only at guidance > 1).")
+    lora: list[str] = opt([], "PATH[:WEIGHT], repeatable; 'none' = no LoRA (on demo models the shipped LCM-LoRA is "
+                              "the lcm/tcd default).")
+    gamma: float = opt(0.3, "TCD stochasticity gamma (TCD paper's gamma; diffusers' eta).")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = opt("leading")  # dpmpp/ddim/euler only
+    seed: int = opt(0, "Seed of the first image; image k of a prompt gets seed+k.")
+    num_images: int = opt(1, "Images per prompt.")
+    height: Optional[int] = opt(None, "Height in pixels (default: the model's).")
+    width: Optional[int] = opt(None, "Width in pixels (default: the model's).")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N.")
+    dtype: str = opt("auto", "auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16.")
+
+
+@dataclass
+class SampleConfig(GenerationConfig):
+    fuse: bool = opt(True, "Fuse LoRAs into the weights (default; unfused costs ~+88% latency) or keep peft "
+                           "adapters.")
+    scheduler: SchedulerName = opt("lcm", "lcm (default) | dpmpp | ddim | euler | tcd.")
+    steps: int = opt(4, "Denoising steps.")
+    guidance: Optional[float] = opt(None, "CFG scale w (default 1.0 for lcm/tcd, 7.5 otherwise).")
+    timesteps: Optional[list[int]] = opt(None, "lcm/tcd: explicit timesteps, e.g. 999,759,499,259 (overrides "
+                                               "--steps).")
+    batch_size: int = opt(4, "Images per pipeline call.")
+    out: str = opt("outputs/sample", "Output folder.")
+
+
+@dataclass
+class CompareConfig(GenerationConfig):
+    runs: list[str] = opt(list(DEFAULT_RUNS), "Columns scheduler:steps[:guidance], comma separated "
+                                              "(lcm:1,lcm:2,lcm:4,lcm:8,dpmpp:4,dpmpp:8,dpmpp:25).")
+    out: str = opt("outputs/compare.png", "Grid PNG path.")
+
+
+@dataclass
+class MergeConfig:
+    style: Optional[str] = opt(None, "Style LoRA tau' (safetensors).")
+    lcm: Optional[str] = opt(None, "LCM-LoRA tau_LCM (default: the one shipped for --model).")
+    lambda1: float = opt(0.8, "Weight of the style vector (paper eq. 3).")
+    lambda2: float = opt(1.0, "Weight of the LCM vector (paper eq. 3).")
+    add: list[str] = opt([], "More vectors: PATH:WEIGHT (repeatable, <0 allowed).")
+    method: Literal["concat", "svd", "fuse"] = opt("concat", "concat (exact) | svd (needs --rank) | fuse (into "
+                                                             "--model).")
+    rank: Optional[int] = opt(None, "Output rank for --method svd.")
+    model: Optional[str] = opt("demo:sd", "Base model (picks the default --lcm; fuse target).")
+    format: Literal["auto", "kohya", "kohya-sgm", "diffusers", "peft", "single-file"] = opt(
+        "auto", "kohya | kohya-sgm | diffusers | peft; with fuse: diffusers (folder) | single-file.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "auto (the inputs' dtype; fuse: the base model's) "
+                                                                 "| fp32 | fp16 | bf16.")
+    lambda1_blocks: dict = opt({}, "Per-block lambda1: down=1,mid=1,up=0.8 (or module-path prefixes).")
+    lambda2_blocks: dict = opt({}, "Per-block lambda2: down=1,mid=1,up=0.8 (or module-path prefixes).")
+    out: Optional[str] = opt(None, "Output .safetensors (fuse: folder or .safetensors).")
+
+
+@dataclass
+class InspectConfig:
+    file: str = opt("", "LoRA .safetensors to describe.", argument=True)
+    family: Optional[str] = opt(None, "sd15 | sdxl | ssd1b (override the guess).")
+
+
+@dataclass
+class ConvertConfig:
+    file: str = opt("", "LoRA .safetensors to rewrite.", argument=True)
+    format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = opt("kohya", "kohya | kohya-sgm | diffusers | "
+                                                                              "peft.")
+    out: str = opt("", "Output .safetensors.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "auto | fp32 | fp16 | bf16.")
+
+
+@dataclass
+class DistillConfig:
+    """Defaults follow the LCM-LoRA release (diffusers train_lcm_distill_lora_*.py); see configs/distill/*.yaml."""
+    name: str = opt("distill", "Run name: output goes to runs/<name> unless --out.")
+    model: str = opt("demo:sd", "Teacher: demo:sd, demo:xl, a diffusers folder or hub id.")
+    family: Literal["auto", "sd15", "sdxl", "ssd1b"] = opt("auto")  # expected family; a mismatch is an error
+    out: str = opt("", "Output folder (default runs/<name>).")
+    # data
+    data: str = opt("demo:shapes", "demo:shapes, an image folder, or WebDataset tar glob.")
+    num_samples: int = opt(32768)       # demo:shapes only: how many scenes to render and cache
+    resolution: int = opt(0)            # 0: the UNet's native size (sample_size * VAE factor)
+    center_crop: bool = opt(True)       # else a random crop (seeded); SDXL crop coordinates go into time ids
+    cache_dir: str = opt("")            # latent/text cache root ("" -> $LCMTOOL_CACHE or ~/.cache/lcmtool)
+    uncond: Literal["auto", "empty", "zeros"] = opt("auto")  # auto: empty prompt for SD-1.5, zeros for SDXL
+    # LoRA (LCM-LoRA: rank 64, alpha 64 on 14 module kinds)
+    lora_rank: int = opt(64)
+    lora_alpha: float = opt(64.0)
+    target_modules: list[str] = opt(list(LCM_TARGETS))
+    conv_rank: int = opt(0)             # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
+    conv_alpha: float = opt(0.0)        # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
+    # LCD (Algorithm 1)
+    num_ddim_timesteps: int = opt(50)   # N solver steps over 1000 training steps: skipping interval k = 20
+    w_min: float = opt(5.0)             # guidance scale w ~ U[w_min, w_max]
+    w_max: float = opt(15.0)
+    loss: Literal["huber", "l2"] = opt("huber")
+    huber_c: float = opt(0.001)
+    timestep_scaling: float = opt(10.0)  # must equal LCMScheduler's timestep_scaling
+    ema_decay: float = opt(0.0)         # 0: target = stop-grad student (released LCM-LoRAs); else EMA LoRA target
+    # optimisation
+    max_steps: int = opt(1000, "Optimizer steps.")
+    batch_size: int = opt(16)           # per device, per micro-step
+    grad_accum: int = opt(1)
+    lr: float = opt(1e-4)
+    adam_beta1: float = opt(0.9)
+    adam_beta2: float = opt(0.999)
+    adam_eps: float = opt(1e-8)
+    weight_decay: float = opt(0.0)
+    max_grad_norm: float = opt(1.0)
+    warmup_steps: int = opt(500)        # constant schedule after a linear warm-up
+    gradient_checkpointing: bool = opt(False)
+    # machine
+    device: str = opt("auto")           # auto | cpu | cuda | cuda:N (under accelerate launch: its devices)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto")  # auto: bf16 on CUDA, fp32 on CPU
+    seed: int = opt(0)
+    # outputs
+    checkpoint_every: int = opt(500)
+    keep_checkpoints: int = opt(2)
+    resume: str = opt("", "latest, or a checkpoint folder.")
+    validate_every: int = opt(500)      # 0: only at the end; validation grids use LCM 1/2/4/8 steps
+    validation_steps: list[int] = opt([1, 2, 4, 8])
+    validation_prompts: list[str] = opt(list(DEMO_PROMPTS))
+    validation_seed: int = opt(1234)
+    log_every: int = opt(10)
+    # metrics.jsonl always; TensorBoard (accelerate's tracker, <out>/tensorboard) when installed (auto) or required
+    report_to: Literal["auto", "tensorboard", "none"] = opt("auto")
+    format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = opt("kohya", "LoRA file format: kohya, "
+                                                                              "kohya-sgm, diffusers or peft.")
+    save_dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16")
+
+
+@dataclass
+class EvalConfig:
+    source: str = opt("", "Folder of PNGs (prompts from samples.jsonl or PNG metadata), or a .jsonl file of "
+                          "{\"path\", \"prompt\"} lines.", argument=True)
+    classifier: Optional[str] = opt(None, "Demo classifier weights (default: the shipped one).")
+    device: str = opt("cpu", "cpu, cuda, cuda:N or auto.")
+    refs: int = opt(4, "Rendered references per image for FD-demo.")
+
+
+@dataclass
+class BenchConfig:
+    sample: bool = opt(False, "Sampling: plain diffusers vs lcmtool, same run (the default when nothing is named).")
+    merge: bool = opt(False, "Merge two SDXL-size rank-64 LoRAs (concat, svd).")
+    distill: bool = opt(False, "LCD training step: plain loop vs lcmtool, same run.")
+    model: str = opt("demo:sd", "--sample: demo:sd | random:sd15 | random:sdxl | random:ssd1b | a model spec.")
+    device: str = opt("auto", "auto | cpu | cuda.")

@@ -15,76 +15,13 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from lcmtool.errors import LcmError
-from lcmtool.lora.synth import LCM_TARGETS  # the 14 LCM-LoRA module kinds, defined once
+from lcmtool.lora.formats import LCM_TARGETS  # the 14 LCM-LoRA module kinds, defined once
+from lcmtool.options import DistillConfig  # every option is declared once, in lcmtool/options.py
 
 LCM_LORA_TARGETS = list(LCM_TARGETS)
-DEMO_PROMPTS = ["a large red circle on the left", "a small blue square at the top",
-                "a large white triangle in the centre",
-                "a small green cross on the right and a large red square on the left"]
-
-
-@dataclass
-class DistillConfig:
-    """Defaults follow the LCM-LoRA release (diffusers train_lcm_distill_lora_*.py); see configs/distill/*.yaml."""
-    name: str = "distill"               # run name: output goes to runs/<name> unless --out
-    model: str = "demo:sd"              # teacher: demo:sd (default of every command), demo:xl, a folder, a hub id
-    family: Literal["auto", "sd15", "sdxl", "ssd1b"] = "auto"  # expected family; a mismatch is an error
-    out: str = ""                       # output folder (default runs/<name>)
-    # data
-    data: str = "demo:shapes"           # demo:shapes | an image folder | WebDataset tar glob
-    num_samples: int = 32768            # demo:shapes only: how many scenes to render and cache
-    resolution: int = 0                 # 0: the UNet's native size (sample_size * VAE factor)
-    center_crop: bool = True            # else a random crop (seeded); SDXL crop coordinates go into time ids
-    cache_dir: str = ""                 # latent/text cache root ("" -> $LCMTOOL_CACHE or ~/.cache/lcmtool)
-    uncond: Literal["auto", "empty", "zeros"] = "auto"  # auto: empty prompt for SD-1.5, zeros for SDXL
-    # LoRA (LCM-LoRA: rank 64, alpha 64 on 14 module kinds)
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
-    target_modules: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGETS))
-    conv_rank: int = 0                  # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
-    conv_alpha: float = 0.0             # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
-    # LCD (Algorithm 1)
-    num_ddim_timesteps: int = 50        # N solver steps over 1000 training steps: skipping interval k = 20
-    w_min: float = 5.0                  # guidance scale w ~ U[w_min, w_max]
-    w_max: float = 15.0
-    loss: Literal["huber", "l2"] = "huber"
-    huber_c: float = 0.001
-    timestep_scaling: float = 10.0      # must equal LCMScheduler's timestep_scaling
-    ema_decay: float = 0.0              # 0: target = stop-grad student (released LCM-LoRAs); else EMA LoRA target
-    # optimisation
-    max_steps: int = 1000               # optimizer steps
-    batch_size: int = 16                # per device, per micro-step
-    grad_accum: int = 1
-    lr: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 500             # constant schedule after a linear warm-up
-    gradient_checkpointing: bool = False
-    # machine
-    device: str = "auto"                # auto | cpu | cuda | cuda:N (under accelerate launch: its devices)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    seed: int = 0
-    # outputs
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str = ""                    # "" | latest | a checkpoint folder
-    validate_every: int = 500           # 0: only at the end; validation grids use LCM 1/2/4/8 steps
-    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    validation_prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
-    validation_seed: int = 1234
-    log_every: int = 10
-    report_to: Literal["auto", "tensorboard", "none"] = "auto"  # metrics.jsonl always; TensorBoard (accelerate's
-    #                                     tracker, <out>/tensorboard) when installed (auto) or required (tensorboard)
-    format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = "kohya"
-    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -1,13 +1,11 @@
 """Engines behind `lcmtool merge`, `inspect` and `convert`: config dataclass in, report dict out."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
 
@@ -18,40 +16,9 @@ from lcmtool.fileio import sha256_file
 from lcmtool.lora import formats
 from lcmtool.lora import math as M
 from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, load_lora, save_lora
+from lcmtool.options import ConvertConfig, InspectConfig, MergeConfig  # declared once, in lcmtool/options.py
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclasses.dataclass
-class MergeConfig:
-    style: Optional[str] = None  # tau_style: the style LoRA (paper's tau')
-    lcm: Optional[str] = None  # tau_LCM: the acceleration vector
-    lambda1: float = 0.8  # weight of tau_style (paper eq. 3 uses 0.8)
-    lambda2: float = 1.0  # weight of tau_LCM (paper eq. 3 uses 1.0)
-    add: list[str] = dataclasses.field(default_factory=list)  # more vectors, "PATH:WEIGHT"
-    method: Literal["concat", "svd", "fuse"] = "concat"  # concat is exact; svd truncates to `rank`
-    rank: Optional[int] = None  # svd output rank
-    model: Optional[str] = "demo:sd"  # base model (family for the LCM-LoRA default; fuse target)
-    # output: LoRA key format for concat / svd (auto = kohya); fuse: diffusers folder (auto) or single-file
-    format: Literal["auto", "kohya", "kohya-sgm", "diffusers", "peft", "single-file"] = "auto"
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto = the inputs' dtype (fuse: the base model's)
-    lambda1_blocks: dict = dataclasses.field(default_factory=dict)  # e.g. {up: 0.8}: per-block lambda1
-    lambda2_blocks: dict = dataclasses.field(default_factory=dict)  # e.g. {down: 1.0, mid: 1.0, up: 0.8}
-    out: Optional[str] = None  # output .safetensors (fuse: a diffusers folder or a single-file .safetensors)
-
-
-@dataclasses.dataclass
-class InspectConfig:
-    file: str = ""
-    family: Optional[str] = None  # override the family guess (needed only for SGM names of non-SDXL)
-
-
-@dataclasses.dataclass
-class ConvertConfig:
-    file: str = ""
-    format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = "kohya"
-    out: str = ""
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
 
 def block_of(path: str) -> str:

@@ -13,9 +13,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
 
 from lcmtool import __version__
 from lcmtool.errors import LcmError
@@ -28,63 +27,11 @@ from lcmtool.models.schedulers import (
     make_scheduler,
     pinned_config,
 )
+from lcmtool.options import CompareConfig, SampleConfig  # every option is declared once, in lcmtool/options.py
 
 # Before torch loads OpenMP: idle threads sleep instead of spinning. On a shared 2-core CPU, spinning made the
 # demo UNet ~100x slower (4 s instead of 20-30 ms per call).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-SchedulerName = Literal["lcm", "dpmpp", "ddim", "euler", "tcd"]
-
-
-@dataclass
-class SampleConfig:
-    model: str = "demo:sd"                # demo:sd | demo:xl | diffusers folder | .safetensors/.ckpt | hub id
-    model_config: Optional[str] = None    # single files: a diffusers config folder (default: lcmtool/presets)
-    tokenizer: Optional[str] = None       # single files: a tokenizer folder (default: config folder's, or CLIP's)
-    prompt: Optional[str] = None          # one prompt
-    prompts: Optional[str] = None         # file: a prompt a line, or JSONL {prompt, seed, negative_prompt}; - = stdin
-    negative_prompt: str = ""             # used only at guidance > 1
-    lora: list[str] = field(default_factory=list)  # PATH[:WEIGHT], repeatable; "none" = no LoRA at all
-    fuse: bool = True                     # fuse LoRAs into the UNet weights (unfused costs ~+88% latency)
-    scheduler: SchedulerName = "lcm"
-    steps: int = 4
-    guidance: Optional[float] = None      # None: 1.0 for lcm/tcd, 7.5 for the others
-    timesteps: Optional[list[int]] = None  # lcm/tcd: explicit schedule, e.g. 999,759,499,259 (overrides steps)
-    gamma: float = 0.3                    # tcd: stochasticity (TCD paper's gamma; diffusers' eta)
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"  # dpmpp/ddim/euler only
-    seed: int = 0                         # image k of a prompt gets seed + k
-    num_images: int = 1                   # per prompt
-    batch_size: int = 4
-    height: Optional[int] = None          # None: the model's native size
-    width: Optional[int] = None
-    out: str = "outputs/sample"
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                   # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
-
-
-DEFAULT_RUNS = ["lcm:1", "lcm:2", "lcm:4", "lcm:8", "dpmpp:4", "dpmpp:8", "dpmpp:25"]
-
-
-@dataclass
-class CompareConfig:
-    model: str = "demo:sd"
-    model_config: Optional[str] = None    # as in SampleConfig
-    tokenizer: Optional[str] = None
-    prompt: Optional[str] = None
-    prompts: Optional[str] = None
-    negative_prompt: str = ""
-    lora: list[str] = field(default_factory=list)  # applied to the lcm/tcd columns; "none" = teacher everywhere
-    runs: list[str] = field(default_factory=lambda: list(DEFAULT_RUNS))  # scheduler:steps[:guidance] per column
-    gamma: float = 0.3
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
-    seed: int = 0
-    num_images: int = 1                   # rows per prompt (seeds seed, seed+1, ...)
-    height: Optional[int] = None
-    width: Optional[int] = None
-    out: str = "outputs/compare.png"
-    device: str = "auto"
-    dtype: str = "auto"
-
 
 @dataclass
 class Job:

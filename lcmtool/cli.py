@@ -21,6 +21,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lcmtool import __version__, options
+from lcmtool.config import parse_scalar
 from lcmtool.errors import LcmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -93,17 +94,6 @@ def _is_text(tp: Any) -> bool:
     return typing.get_origin(tp) in (list, tuple)  # "999,759,499": the config splits it
 
 
-def _scalar(value: str | None) -> Any:
-    import yaml
-
-    if value is None:
-        return None
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
-
-
 def _metavar(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "|".join(map(str, typing.get_args(tp)))
@@ -127,7 +117,7 @@ def _option(f: dataclasses.Field, tp: Any) -> tuple[Any, Any, Any]:
         return (Annotated[Optional[list[str]], typer.Option(flag, help=help_, metavar="TEXT")], None,
                 lambda v: v or None)
     return (Annotated[Optional[str], typer.Option(flag, help=help_, metavar=_metavar(tp))], None,
-            None if _is_text(tp) else _scalar)
+            None if _is_text(tp) else parse_scalar)
 
 
 def command(cfg_cls: type, name: str | None = None):

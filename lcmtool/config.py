@@ -47,7 +47,7 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _scalar(raw: str) -> Any:
+def parse_scalar(raw: str) -> Any:
     """`raw` parsed as a YAML scalar; text that is not valid YAML stays a string."""
     try:
         return yaml.safe_load(raw) if raw != "" else ""
@@ -62,7 +62,7 @@ def parse_set(items: list[str] | None) -> dict:
         if "=" not in item:
             raise LcmError(f"--set takes key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        value = _scalar(raw)
+        value = parse_scalar(raw)
         node = out
         parts = key.strip().split(".")
         for i, p in enumerate(parts[:-1]):
@@ -81,7 +81,7 @@ def _pairs(text: str, key: str) -> dict:
         if "=" not in part:
             raise LcmError(f"config key '{key}': takes name=value pairs, got {part!r}")
         k, v = part.split("=", 1)
-        out[k.strip()] = _scalar(v.strip())
+        out[k.strip()] = parse_scalar(v.strip())
     return out
 
 
@@ -120,7 +120,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):  # "1,2,3" from a flag or --set
-            value = [_scalar(v.strip()) for v in value.split(",") if v.strip()]
+            value = [parse_scalar(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise LcmError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)

@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lcmtool.demo import arch, world
+from lcmtool.demo import ASSETS, arch, world
 from lcmtool.fileio import atomic_path, atomic_write_text
 from lcmtool.outputs.plot import line_chart, smooth
 
 REPO = Path(__file__).resolve().parent.parent  # the recipe lives in tools/, outside the runtime package
-ASSETS = REPO / "lcmtool" / "demo" / "assets"
 
 # On CUDA the VAE and the teachers are time-budgeted (budget_s, the wall time of their training loop on one H200):
 # the teacher's cosine schedule is fitted to the budget (its decay completes), the VAE stops at the budget. The

@@ -20,8 +20,8 @@ import torch
 from lcmtool.errors import LcmError
 from lcmtool.fileio import atomic_path, atomic_write_json
 from lcmtool.lora import formats
+from lcmtool.presets import PRESETS
 
-PRESETS = Path(__file__).resolve().parents[1] / "presets"
 FAMILIES = ("sd15", "sdxl", "ssd1b")
 # kohya ss_base_model_version and modelspec.architecture per family
 _BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "ssd1b": "sdxl_base_v1-0"}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from lcmtool.errors import LcmError, first_line
 from lcmtool.models.ldm_names import CLIP_G_XL, CLIP_L_XL, CLIP_SD15, UNET, VAE
+from lcmtool.presets import PRESETS
 
-PRESETS = Path(__file__).resolve().parents[1] / "presets"  # package data: installed and editable copies alike
 # single-file family -> shipped diffusers config folder (lcmtool/presets/<family>/; README.md there says where
 # each number comes from). CLIP's BPE merges ship once, gzipped, in clip-tokenizer/.
 SINGLE_FILE_PRESETS = {"sd15": "sd15", "sdxl": "sdxl", "ssd1b": "ssd1b"}

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lcmtool.demo import arch, world
-from lcmtool.demo import ASSETS
+from lcmtool.demo import ASSETS, arch, world
 
 DATA = Path(__file__).parent / "data"
 REGEN = os.environ.get("LCMTOOL_REGEN") == "1"

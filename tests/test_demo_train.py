@@ -1,10 +1,9 @@
 """The demo recipe runs end to end in --quick mode and writes pipelines that plain diffusers loads."""
 import json
 
+import demo_models as train  # tools/demo_models.py (pytest pythonpath: tools)
 import pytest
 import torch
-
-import demo_models as train  # tools/demo_models.py (pytest pythonpath: tools)
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():

@@ -9,10 +9,9 @@ from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
 from lcmtool.cli import app
-from lcmtool.demo import world
-from lcmtool.errors import LcmError
 from lcmtool.demo import classifier as clf
-from lcmtool.demo import metrics
+from lcmtool.demo import metrics, world
+from lcmtool.errors import LcmError
 
 
 @pytest.fixture(scope="module")

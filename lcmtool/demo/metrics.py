@@ -10,9 +10,9 @@ import random
 
 import torch
 
+from lcmtool.demo import classifier as clf
 from lcmtool.demo import world
 from lcmtool.errors import LcmError
-from lcmtool.demo import classifier as clf
 
 REFS_PER_PROMPT = 4  # rendered references per generated image for FD-demo
 

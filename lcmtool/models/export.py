@@ -14,7 +14,6 @@ import re
 from lcmtool.models import ldm_names
 from lcmtool.models.ldm_names import CLIP_G_XL, CLIP_L_XL, CLIP_SD15, UNET, VAE
 
-
 # ---- diffusers -> single file ----
 
 def _resnet(rest: str, table) -> str:

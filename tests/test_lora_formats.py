@@ -5,9 +5,9 @@ from safetensors.torch import save_file
 
 from lcmtool.errors import LcmError
 from lcmtool.lora import formats, synth
-from lcmtool.models import ldm_names as sgm
 from lcmtool.lora import math as M
 from lcmtool.lora.io import load_lora, save_lora, unet_preset
+from lcmtool.models import ldm_names as sgm
 
 
 def rel(a, b):

@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from lcmtool.cli import app
-from lcmtool.lora.io import load_lora
 from lcmtool.demo import ASSETS
+from lcmtool.lora.io import load_lora
 
 BASE = ASSETS / "demo-sd"
 STYLE = ASSETS / "style-outline-demo-sd.safetensors"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lcmtool.lora import formats, synth
-from lcmtool.lora import math as M
 from lcmtool.engines.merge import MergeConfig, run_merge
+from lcmtool.lora import formats, synth
+from lcmtool.lora.fuse import fuse_into_unet
 from lcmtool.lora.io import load_lora, unet_preset
 
 L1, L2 = 0.8, 1.0
@@ -85,7 +85,7 @@ def check(pipe_cls, unet, tmp_path, style_fmt, cfg=None):
     p2.fuse_lora()
     # and our own fuse of the two inputs
     u3 = copy.deepcopy(unet)
-    M.fuse_into_unet(u3, [(load_lora(tmp_path / "style.safetensors"), L1), (load_lora(tmp_path / "lcm.safetensors"),
+    fuse_into_unet(u3, [(load_lora(tmp_path / "style.safetensors"), L1), (load_lora(tmp_path / "lcm.safetensors"),
                                                                              L2)])
     w0, w1, w2, w3 = (base_weights(u) for u in (unet, u1, u2, u3))
     moved = max(float((w1[k] - w0[k]).abs().max()) for k in w0)

@@ -7,10 +7,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lcmtool.engines.merge import MergeConfig, run_merge
 from lcmtool.lora import math as M
 from lcmtool.lora import synth
-from lcmtool.engines.merge import MergeConfig, run_merge
 from lcmtool.lora.io import SafetensorsReader, load_lora, save_lora
+from lcmtool.lora.parallel import merge_modules
 
 SHAPES = {f"down_blocks.0.attentions.{i}.transformer_blocks.0.attn2.to_k": (96, 768) for i in range(3)}
 SHAPES.update({f"down_blocks.0.resnets.{i}.conv1": (64, 32, 3, 3) for i in range(3)})
@@ -74,7 +75,7 @@ def test_threaded_svd_matches_serial_in_fp32():
     style = synth.synth_lora(SHAPES, rank=4, alpha=2.0, seed=3)
     lcm = synth.synth_lora(SHAPES, rank=6, alpha=6.0, seed=4)
     terms = {p: [(style.modules[p], 0.8), (lcm.modules[p], 1.0)] for p in SHAPES}
-    fast, errs = M.merge_modules(dict(terms), "svd", 7, workers=2)
+    fast, errs = merge_modules(dict(terms), "svd", 7, workers=2)
     for p, ts in terms.items():
         m, e = M.svd(p, ts, 7)
         want = m.delta()

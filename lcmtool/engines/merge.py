@@ -1,9 +1,8 @@
-"""Engines behind `lcmtool merge`, `inspect` and `convert`: config dataclass in, report dict out."""
+"""Engine behind `lcmtool merge` (task arithmetic, eq. 3, and fuse); `inspect` and `convert` live in
+engines/lora_tools.py and are re-exported here. Config dataclass in, report dict out."""
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,14 +10,15 @@ import torch
 
 from lcmtool import __version__
 from lcmtool.config import write_resolved
+from lcmtool.engines.lora_tools import run_convert, run_inspect, summarize  # noqa: F401 - re-exported
 from lcmtool.errors import LcmError
 from lcmtool.fileio import sha256_file
 from lcmtool.lora import formats
 from lcmtool.lora import math as M
 from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, load_lora, save_lora
-from lcmtool.options import ConvertConfig, InspectConfig, MergeConfig  # declared once, in lcmtool/options.py
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from lcmtool.lora.parallel import merge_modules
+from lcmtool.models.load import torch_dtype
+from lcmtool.options import ConvertConfig, InspectConfig, MergeConfig  # noqa: F401 - declared in lcmtool/options.py
 
 
 def block_of(path: str) -> str:
@@ -71,14 +71,6 @@ def _lambda_for(path: str, base: float, blocks: dict[str, float]) -> float:
     return blocks.get(block_of(path), base)
 
 
-def summarize(lf: LoraFile) -> dict:
-    ranks = Counter(m.rank for m in lf.modules.values())
-    alphas = Counter(m.alpha for m in lf.modules.values())
-    return {"path": lf.path, "format": lf.format, "family": lf.family, "modules": len(lf.modules),
-            "rank": {str(k): v for k, v in sorted(ranks.items())},
-            "alpha": {f"{k:g}": v for k, v in sorted(alphas.items())}, "dtype": str(lf.dtype).replace("torch.", "")}
-
-
 def _parse_add(item: str) -> tuple[str, float]:
     if ":" not in item:
         raise LcmError(f"--add takes PATH:WEIGHT, got {item!r}")
@@ -88,7 +80,7 @@ def _parse_add(item: str) -> tuple[str, float]:
 
 def _out_dtype(cfg_dtype: str, inputs: list[LoraFile]) -> torch.dtype:
     if cfg_dtype != "auto":
-        return _DTYPES[cfg_dtype]
+        return torch_dtype(cfg_dtype)
     dts = {lf.dtype for lf in inputs}
     return dts.pop() if len(dts) == 1 else torch.float32
 
@@ -120,33 +112,8 @@ def run_merge(cfg: MergeConfig) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     # 1. validate the request before reading anything big
-    if cfg.method not in ("concat", "svd", "fuse"):
-        raise LcmError(f"unknown --method '{cfg.method}' (concat | svd | fuse)")
-    if not cfg.out:
-        raise LcmError("--out is required")
-    if cfg.method == "svd" and cfg.rank is None:
-        raise LcmError("--method svd needs --rank R")
-    fmt = _output_format(cfg)
-    if cfg.method == "fuse" and not cfg.model:
-        raise LcmError("--method fuse needs --model (the base model to bake the LoRAs into)")
-    if cfg.method == "fuse" and fmt == "diffusers":
-        _check_folder_out(Path(cfg.out))
-    lam1 = _number(cfg.lambda1, "--lambda1")
-    lam2 = _number(cfg.lambda2, "--lambda2")
-    b1, b2 = block_lambdas(cfg.lambda1_blocks, "lambda1_blocks"), block_lambdas(cfg.lambda2_blocks, "lambda2_blocks")
-    specs: list[tuple[str, str, float, dict]] = []  # (role, path, weight, block overrides)
-    if cfg.style:
-        specs.append(("style", cfg.style, lam1, b1))
-    if cfg.lcm or cfg.style:
-        specs.append(("lcm", cfg.lcm or default_lcm(cfg.model), lam2, b2))
-    for item in cfg.add:
-        path, w = _parse_add(item)
-        specs.append(("add", path, w, {}))
-    if not specs:
-        raise LcmError("nothing to merge: give --style (and --lcm) or --add PATH:WEIGHT")
+    fmt, specs, lams = _check_request(cfg)
     out = Path(cfg.out)
-    if any(Path(p).resolve() == out.resolve() for _, p, _, _ in specs):
-        raise LcmError(f"--out {out} is one of the inputs")
     # 2. read every input into the canonical form; families must agree
     inputs = [load_lora(p, lazy=True) for _, p, _, _ in specs]
     family = _family(inputs)
@@ -166,30 +133,70 @@ def run_merge(cfg: MergeConfig) -> dict:
     dtype = _out_dtype(cfg.dtype, inputs) if cfg.method != "fuse" else None
     with ThreadPoolExecutor(1) as ex:
         hashes = ex.submit(lambda: [sha256_file(p) for _, p, _, _ in specs])
-        merged, errs = M.merge_modules(terms, "svd" if cfg.method == "svd" else "concat", cfg.rank, dtype)
+        try:
+            merged, errs = merge_modules(terms, "svd" if cfg.method == "svd" else "concat", cfg.rank, dtype)
+        except ValueError as e:  # the math's word for inputs that do not agree
+            raise LcmError(str(e)) from None
         sha = hashes.result()
     # 5. write with metadata saying how it was made
-    record = {"version": __version__, "command": "merge", "method": cfg.method, "rank": cfg.rank,
-              "lambda1": lam1, "lambda2": lam2, "lambda1_blocks": b1, "lambda2_blocks": b2,
-              "inputs": [{"role": role, "path": str(p), "sha256": h, "weight": w}
-                         for (role, p, w, _), h in zip(specs, sha, strict=True)]}
+    record = dict(lams, version=__version__, command="merge", method=cfg.method, rank=cfg.rank,
+                  inputs=[{"role": role, "path": str(p), "sha256": h, "weight": w}
+                          for (role, p, w, _), h in zip(specs, sha, strict=True)])
     inputs_rep = [dict(sm, role=role, weight=w) for (role, _, w, _), sm in zip(specs, summaries, strict=True)]
+    common = dict(inputs=inputs_rep, only_in_one_input=only, dropped_zero_weight=n_terms - len(merged))
     if cfg.method == "fuse":
         record["model"] = cfg.model
         rep = _fuse(cfg, fmt, merged, family, record)
         write_resolved(cfg, Path(cfg.out).with_suffix(".yaml"))
-        rep.update(inputs=inputs_rep, only_in_one_input=only, dropped_zero_weight=n_terms - len(merged))
-        return rep
+        return dict(rep, **common)
     md = base_metadata(family, title=out.stem, extra={"modelspec.merged_from": ", ".join(
         Path(p).name for _, p, _, _ in specs), "lcmtool": record})
     save_lora(merged, out, format=fmt, family=family, metadata=md, dtype=dtype)
     write_resolved(cfg, out.with_suffix(".yaml"))
-    # 6. report
+    return _merge_report(cfg, out, fmt, family, dtype, merged, errs, common)
+
+
+def _check_request(cfg: MergeConfig) -> tuple[str, list[tuple[str, str, float, dict]], dict]:
+    """Every flag checked before anything is read -> (output format, input specs (role, path, weight, block
+    overrides), the lambdas for the record)."""
+    if cfg.method not in ("concat", "svd", "fuse"):
+        raise LcmError(f"unknown --method '{cfg.method}' (concat | svd | fuse)")
+    if not cfg.out:
+        raise LcmError("--out is required")
+    if cfg.method == "svd" and cfg.rank is None:
+        raise LcmError("--method svd needs --rank R")
+    if cfg.method == "svd" and cfg.rank < 1:
+        raise LcmError(f"--rank must be at least 1, got {cfg.rank}")
+    fmt = _output_format(cfg)
+    if cfg.method == "fuse" and not cfg.model:
+        raise LcmError("--method fuse needs --model (the base model to bake the LoRAs into)")
+    if cfg.method == "fuse" and fmt == "diffusers":
+        _check_folder_out(Path(cfg.out))
+    lam1 = _number(cfg.lambda1, "--lambda1")
+    lam2 = _number(cfg.lambda2, "--lambda2")
+    b1, b2 = block_lambdas(cfg.lambda1_blocks, "lambda1_blocks"), block_lambdas(cfg.lambda2_blocks, "lambda2_blocks")
+    specs: list[tuple[str, str, float, dict]] = []
+    if cfg.style:
+        specs.append(("style", cfg.style, lam1, b1))
+    if cfg.lcm or cfg.style:
+        specs.append(("lcm", cfg.lcm or default_lcm(cfg.model), lam2, b2))
+    for item in cfg.add:
+        path, w = _parse_add(item)
+        specs.append(("add", path, w, {}))
+    if not specs:
+        raise LcmError("nothing to merge: give --style (and --lcm) or --add PATH:WEIGHT")
+    out = Path(cfg.out)
+    if any(Path(p).resolve() == out.resolve() for _, p, _, _ in specs):
+        raise LcmError(f"--out {out} is one of the inputs")
+    return fmt, specs, {"lambda1": lam1, "lambda2": lam2, "lambda1_blocks": b1, "lambda2_blocks": b2}
+
+
+def _merge_report(cfg: MergeConfig, out: Path, fmt: str, family: str | None, dtype, merged: dict, errs: dict,
+                  common: dict) -> dict:
     ranks = [m.rank for m in merged.values()]
     rep = {"out": str(out), "format": fmt, "method": cfg.method, "family": family,
            "dtype": str(dtype).replace("torch.", ""), "modules": len(merged),
-           "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0),
-           "inputs": inputs_rep, "only_in_one_input": only, "dropped_zero_weight": n_terms - len(merged)}
+           "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0), **common}
     if cfg.method == "svd":
         vals = list(errs.values())
         worst = max(errs, key=errs.get) if errs else None
@@ -238,21 +245,15 @@ def _stored_dtype(model: str) -> torch.dtype:
 def _fuse(cfg: MergeConfig, fmt: str, merged: dict[str, LoraModule], family: str | None, record: dict) -> dict:
     """theta = theta_pre + tau'_LCM: load the base in fp32, add every merged delta, write a diffusers folder or
     a single-file checkpoint (atomically) in the base's stored dtype unless --dtype says otherwise."""
+    from lcmtool.lora.fuse import fuse_into_pipeline
     from lcmtool.models.load import load_pipeline
 
-    dtype = _stored_dtype(cfg.model) if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+    dtype = _stored_dtype(cfg.model) if cfg.dtype == "auto" else torch_dtype(cfg.dtype)
     pipe, model_family = load_pipeline(cfg.model, dtype=torch.float32, device="cpu")
     if family and family != model_family and {family, model_family} != {"sdxl", "ssd1b"}:
         raise LcmError(f"the LoRAs are for {family} but --model {cfg.model} is {model_family}")
-    lora = LoraFile(modules=merged, family=family)
-    n = 0
     with torch.no_grad():
-        n += M.fuse_into_module(pipe.unet, [(lora, 1.0)])
-        for te in ("text_encoder", "text_encoder_2"):
-            if any(p.startswith(te + ".") for p in merged):
-                if getattr(pipe, te, None) is None:
-                    raise LcmError(f"the LoRAs change {te} but --model {cfg.model} has none")
-                n += M.fuse_into_module(getattr(pipe, te), [(lora, 1.0)], prefix=te + ".")
+        n = fuse_into_pipeline(pipe, [(LoraFile(modules=merged, family=family), 1.0)])
     pipe.to(dtype)
     out = Path(cfg.out)
     if fmt == "diffusers":
@@ -293,53 +294,11 @@ def _save_single_file(pipe, out: Path, family: str, record: dict) -> None:
     from safetensors.torch import save_file
 
     from lcmtool.fileio import atomic_path
+    from lcmtool.models.export import to_single_file
 
-    try:
-        from lcmtool.models.export import to_single_file
-    except ImportError:
-        raise LcmError("--format single-file needs lcmtool.models.export, which this install lacks; "
-                       "write a diffusers folder instead") from None
     sd = to_single_file(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
     md = base_metadata(family, title=out.stem, extra={"lcmtool": record})
     md["modelspec.architecture"] = md.get("modelspec.architecture", "").removesuffix("/lora")
     with atomic_path(out) as tmp:
         save_file(sd, str(tmp), metadata=md)
-
-
-def _frob(m: LoraModule) -> float:
-    """||scale * B @ A||_F without forming the product: sqrt(trace((B^T B)(A A^T)))."""
-    b = m.B.float().reshape(m.B.shape[0], m.rank)
-    a = m.A.float().reshape(m.rank, -1)
-    return abs(m.scale) * math.sqrt(max(0.0, float(((b.T @ b) * (a @ a.T)).sum())))
-
-
-def run_inspect(cfg: InspectConfig) -> dict:
-    lf = load_lora(cfg.file, family=cfg.family)
-    norms: dict[str, float] = {}
-    for p, m in lf.modules.items():
-        key = re.match(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block|text_encoder_2|text_encoder)", p)
-        k = key.group(1) if key else "other"
-        norms[k] = norms.get(k, 0.0) + _frob(m) ** 2
-    rep = summarize(lf)
-    rep["block_norms"] = {k: math.sqrt(v) for k, v in sorted(norms.items())}
-    rep["metadata"] = {k: (v if len(v) <= 300 else v[:300] + "...") for k, v in sorted(lf.metadata.items())}
-    return rep
-
-
-def run_convert(cfg: ConvertConfig) -> dict:
-    if not cfg.file or not cfg.out:
-        raise LcmError("convert needs FILE and --out")
-    if Path(cfg.file).resolve() == Path(cfg.out).resolve():
-        raise LcmError("--out must differ from the input file")
-    lf = load_lora(cfg.file)
-    dtype = lf.dtype if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
-    md = {k: v for k, v in lf.metadata.items() if k != "lora_adapter_metadata"}
-    md["lcmtool"] = json.dumps({"version": __version__, "command": "convert", "from_format": lf.format,
-                                "input": {"path": str(cfg.file), "sha256": sha256_file(cfg.file)}})
-    md.setdefault("modelspec.sai_model_spec", "1.0.0")
-    md.update({k: v for k, v in base_metadata(lf.family, Path(cfg.out).stem).items() if k not in md})
-    save_lora(lf.modules, cfg.out, format=cfg.format, family=lf.family, metadata=md, dtype=dtype)
-    write_resolved(cfg, Path(cfg.out).with_suffix(".yaml"))
-    return {"out": cfg.out, "from_format": lf.format, "format": cfg.format, "family": lf.family,
-            "modules": len(lf.modules), "dtype": str(dtype).replace("torch.", "")}

@@ -218,7 +218,7 @@ def apply_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], fu
     if not loras:
         return []
     from lcmtool.fileio import sha256_file
-    from lcmtool.lora.math import fuse_into_unet
+    from lcmtool.lora.fuse import fuse_into_unet
 
     if files is None:
         files = check_loras(pipe, family, spec, loras)

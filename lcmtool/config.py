@@ -1,13 +1,17 @@
 """Typed command configs: dataclass defaults < YAML file (--config) < flags < --set dotted.key=value.
 
 Each option is declared once, as a dataclass field made by `opt(default, help)`: cli.py derives the command's
-Typer options from these fields (a field without help is a config key only). Unknown keys and values of the wrong
-type are LcmError naming the key. The resolved config is written next to every output (`write_resolved`).
+Typer options from these fields (a field without help is a config key only). Unknown keys, values of the wrong
+type, non-finite floats (unless a field says `finite=False`) and values outside a field's bounds
+(`opt(..., min=, max=)` inclusive, `gt=`, `lt=` exclusive; per item for lists) are LcmError naming the key.
+A scalar given for a list field is a one-item list. The resolved config is written next to every output
+(`write_resolved`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -21,10 +25,14 @@ from lcmtool.fileio import atomic_write_text
 T = TypeVar("T")
 
 
-def opt(default: Any = None, help: str = "", *, argument: bool = False, flag: str | None = None) -> Any:
+def opt(default: Any = None, help: str = "", *, argument: bool = False, flag: str | None = None,
+        min: float | None = None, max: float | None = None, gt: float | None = None, lt: float | None = None,
+        finite: bool = True) -> Any:
     """A config field that is also a CLI option (`--name-with-dashes`, or `flag`); `argument`: a positional one.
-    An empty help keeps the field a config key only (YAML / --set)."""
-    meta = {"help": help, "argument": argument, "flag": flag}
+    An empty help keeps the field a config key only (YAML / --set). `min`/`max` (inclusive) and `gt`/`lt`
+    (exclusive) bound a number or each item of a list of numbers; floats must be finite unless `finite=False`."""
+    meta = {"help": help, "argument": argument, "flag": flag, "min": min, "max": max, "gt": gt, "lt": lt,
+            "finite": finite}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -121,6 +129,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):  # "1,2,3" from a flag or --set
             value = [parse_scalar(v.strip()) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)):  # `--set validation_steps=1` means [1]
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise LcmError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)
@@ -143,7 +153,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LcmError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+        return float(value)  # (finiteness is checked per field, in _check_bounds)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise LcmError(f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}")
@@ -159,14 +169,48 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _name(f: dataclasses.Field, key: str, top: bool) -> str:
+    """"config key 'steps' (--steps)": the key, and the flag where the field is a CLI option."""
+    meta = f.metadata
+    if not top or not meta.get("help") or meta.get("argument"):
+        return f"config key '{key}'"
+    return f"config key '{key}' (--{meta.get('flag') or f.name.replace('_', '-')})"
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _check_bounds(value: Any, f: dataclasses.Field, key: str, top: bool) -> None:
+    """Refuse non-finite floats (unless the field allows them) and numbers outside the field's bounds."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_bounds(v, f, f"{key}[{i}]", top)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value) and meta.get("finite", True):
+        raise LcmError(f"{_name(f, key, top)}: must be a finite number, got {value}")
+    for bound, ok, word in (("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+                            ("gt", lambda v, b: v > b, ">"), ("lt", lambda v, b: v < b, "<")):
+        b = meta.get(bound)
+        if b is not None and not ok(value, b):
+            raise LcmError(f"{_name(f, key, top)}: must be {word} {_num(b)}, got {_num(value)}")
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build dataclass `cls` from `data`; unknown keys and wrong types raise LcmError naming the key."""
+    """Build dataclass `cls` from `data`; unknown keys, wrong types, non-finite floats and out-of-bounds numbers
+    raise LcmError naming the key."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in names]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
     if unknown:
-        raise LcmError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+        raise LcmError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+        _check_bounds(kwargs[k], fields[k], prefix + k, top=not prefix)
     return cls(**kwargs)
 
 

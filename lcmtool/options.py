@@ -35,12 +35,12 @@ class GenerationConfig:
     negative_prompt: str = opt("", "Negative prompt (has an effect only at guidance > 1).")
     lora: list[str] = opt([], "PATH[:WEIGHT], repeatable; 'none' = no LoRA (on demo models the shipped LCM-LoRA is "
                               "the lcm/tcd default).")
-    gamma: float = opt(0.3, "TCD stochasticity gamma (TCD paper's gamma; diffusers' eta).")
+    gamma: float = opt(0.3, "TCD stochasticity gamma in [0, 1] (TCD paper's gamma; diffusers' eta).", min=0, max=1)
     timestep_spacing: Literal["leading", "trailing", "linspace"] = opt("leading")  # dpmpp/ddim/euler only
-    seed: int = opt(0, "Seed of the first image; image k of a prompt gets seed+k.")
-    num_images: int = opt(1, "Images per prompt.")
-    height: Optional[int] = opt(None, "Height in pixels (default: the model's).")
-    width: Optional[int] = opt(None, "Width in pixels (default: the model's).")
+    seed: int = opt(0, "Seed of the first image; image k of a prompt gets seed+k.", min=-2 ** 63, max=2 ** 64 - 1)
+    num_images: int = opt(1, "Images per prompt.", min=1, max=100_000)
+    height: Optional[int] = opt(None, "Height in pixels (default: the model's).", min=1, max=16384)
+    width: Optional[int] = opt(None, "Width in pixels (default: the model's).", min=1, max=16384)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N.")
     dtype: str = opt("auto", "auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16.")
 
@@ -50,11 +50,11 @@ class SampleConfig(GenerationConfig):
     fuse: bool = opt(True, "Fuse LoRAs into the weights (default; unfused costs ~+88% latency) or keep peft "
                            "adapters.")
     scheduler: SchedulerName = opt("lcm", "lcm (default) | dpmpp | ddim | euler | tcd.")
-    steps: int = opt(4, "Denoising steps.")
-    guidance: Optional[float] = opt(None, "CFG scale w (default 1.0 for lcm/tcd, 7.5 otherwise).")
+    steps: int = opt(4, "Denoising steps.", min=1, max=1000)
+    guidance: Optional[float] = opt(None, "CFG scale w (default 1.0 for lcm/tcd, 7.5 otherwise).", min=0, max=1000)
     timesteps: Optional[list[int]] = opt(None, "lcm/tcd: explicit timesteps, e.g. 999,759,499,259 (overrides "
-                                               "--steps).")
-    batch_size: int = opt(4, "Images per pipeline call.")
+                                               "--steps).", min=0, max=999)
+    batch_size: int = opt(4, "Images per pipeline call.", min=1, max=4096)
     out: str = opt("outputs/sample", "Output folder.")
 
 
@@ -69,12 +69,12 @@ class CompareConfig(GenerationConfig):
 class MergeConfig:
     style: Optional[str] = opt(None, "Style LoRA tau' (safetensors).")
     lcm: Optional[str] = opt(None, "LCM-LoRA tau_LCM (default: the one shipped for --model).")
-    lambda1: float = opt(0.8, "Weight of the style vector (paper eq. 3).")
-    lambda2: float = opt(1.0, "Weight of the LCM vector (paper eq. 3).")
+    lambda1: float = opt(0.8, "Weight of the style vector (paper eq. 3).", min=-1000, max=1000)
+    lambda2: float = opt(1.0, "Weight of the LCM vector (paper eq. 3).", min=-1000, max=1000)
     add: list[str] = opt([], "More vectors: PATH:WEIGHT (repeatable, <0 allowed).")
     method: Literal["concat", "svd", "fuse"] = opt("concat", "concat (exact) | svd (needs --rank) | fuse (into "
                                                              "--model).")
-    rank: Optional[int] = opt(None, "Output rank for --method svd.")
+    rank: Optional[int] = opt(None, "Output rank for --method svd.", min=1, max=65536)
     model: Optional[str] = opt("demo:sd", "Base model (picks the default --lcm; fuse target).")
     format: Literal["auto", "kohya", "kohya-sgm", "diffusers", "peft", "single-file"] = opt(
         "auto", "kohya | kohya-sgm | diffusers | peft; with fuse: diffusers (folder) | single-file.")
@@ -109,50 +109,50 @@ class DistillConfig:
     out: str = opt("", "Output folder (default runs/<name>).")
     # data
     data: str = opt("demo:shapes", "demo:shapes, an image folder, or WebDataset tar glob.")
-    num_samples: int = opt(32768)       # demo:shapes only: how many scenes to render and cache
-    resolution: int = opt(0)            # 0: the UNet's native size (sample_size * VAE factor)
+    num_samples: int = opt(32768, min=1)  # demo:shapes only: how many scenes to render and cache
+    resolution: int = opt(0, min=0, max=16384)  # 0: the UNet's native size (sample_size * VAE factor)
     center_crop: bool = opt(True)       # else a random crop (seeded); SDXL crop coordinates go into time ids
     cache_dir: str = opt("")            # latent/text cache root ("" -> $LCMTOOL_CACHE or ~/.cache/lcmtool)
     uncond: Literal["auto", "empty", "zeros"] = opt("auto")  # auto: empty prompt for SD-1.5, zeros for SDXL
     # LoRA (LCM-LoRA: rank 64, alpha 64 on 14 module kinds)
-    lora_rank: int = opt(64)
-    lora_alpha: float = opt(64.0)
+    lora_rank: int = opt(64, min=1, max=65536)
+    lora_alpha: float = opt(64.0, gt=0)
     target_modules: list[str] = opt(list(LCM_TARGETS))
-    conv_rank: int = opt(0)             # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
-    conv_alpha: float = opt(0.0)        # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
+    conv_rank: int = opt(0, min=0)  # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
+    conv_alpha: float = opt(0.0, min=0)  # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
     # LCD (Algorithm 1)
-    num_ddim_timesteps: int = opt(50)   # N solver steps over 1000 training steps: skipping interval k = 20
-    w_min: float = opt(5.0)             # guidance scale w ~ U[w_min, w_max]
-    w_max: float = opt(15.0)
+    num_ddim_timesteps: int = opt(50, min=1, max=1000)  # N solver steps over 1000 training steps: interval k = 20
+    w_min: float = opt(5.0, min=0)  # guidance scale w ~ U[w_min, w_max]
+    w_max: float = opt(15.0, min=0)
     loss: Literal["huber", "l2"] = opt("huber")
-    huber_c: float = opt(0.001)
-    timestep_scaling: float = opt(10.0)  # must equal LCMScheduler's timestep_scaling
-    ema_decay: float = opt(0.0)         # 0: target = stop-grad student (released LCM-LoRAs); else EMA LoRA target
+    huber_c: float = opt(0.001, gt=0)
+    timestep_scaling: float = opt(10.0, gt=0)  # must equal LCMScheduler's timestep_scaling
+    ema_decay: float = opt(0.0, min=0, lt=1)  # 0: target = stop-grad student (released LCM-LoRAs); else EMA LoRA
     # optimisation
-    max_steps: int = opt(1000, "Optimizer steps.")
-    batch_size: int = opt(16)           # per device, per micro-step
-    grad_accum: int = opt(1)
-    lr: float = opt(1e-4)
-    adam_beta1: float = opt(0.9)
-    adam_beta2: float = opt(0.999)
-    adam_eps: float = opt(1e-8)
-    weight_decay: float = opt(0.0)
-    max_grad_norm: float = opt(1.0)
-    warmup_steps: int = opt(500)        # constant schedule after a linear warm-up
+    max_steps: int = opt(1000, "Optimizer steps.", min=1)
+    batch_size: int = opt(16, min=1)  # per device, per micro-step
+    grad_accum: int = opt(1, min=1)
+    lr: float = opt(1e-4, gt=0)
+    adam_beta1: float = opt(0.9, min=0, lt=1)
+    adam_beta2: float = opt(0.999, min=0, lt=1)
+    adam_eps: float = opt(1e-8, gt=0)
+    weight_decay: float = opt(0.0, min=0)
+    max_grad_norm: float = opt(1.0, min=0)  # 0: no clipping
+    warmup_steps: int = opt(500, min=0)  # constant schedule after a linear warm-up
     gradient_checkpointing: bool = opt(False)
     # machine
     device: str = opt("auto")           # auto | cpu | cuda | cuda:N (under accelerate launch: its devices)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto")  # auto: bf16 on CUDA, fp32 on CPU
     seed: int = opt(0)
     # outputs
-    checkpoint_every: int = opt(500)
-    keep_checkpoints: int = opt(2)
+    checkpoint_every: int = opt(500, min=0)  # 0: only the final checkpoint
+    keep_checkpoints: int = opt(2, min=0)
     resume: str = opt("", "latest, or a checkpoint folder.")
-    validate_every: int = opt(500)      # 0: only at the end; validation grids use LCM 1/2/4/8 steps
-    validation_steps: list[int] = opt([1, 2, 4, 8])
+    validate_every: int = opt(500, min=0)  # 0: only at the end; validation grids use LCM 1/2/4/8 steps
+    validation_steps: list[int] = opt([1, 2, 4, 8], min=1, max=1000)
     validation_prompts: list[str] = opt(list(DEMO_PROMPTS))
     validation_seed: int = opt(1234)
-    log_every: int = opt(10)
+    log_every: int = opt(10, min=1)
     # metrics.jsonl always; TensorBoard (accelerate's tracker, <out>/tensorboard) when installed (auto) or required
     report_to: Literal["auto", "tensorboard", "none"] = opt("auto")
     format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = opt("kohya", "LoRA file format: kohya, "
@@ -166,7 +166,7 @@ class EvalConfig:
                           "{\"path\", \"prompt\"} lines.", argument=True)
     classifier: Optional[str] = opt(None, "Demo classifier weights (default: the shipped one).")
     device: str = opt("cpu", "cpu, cuda, cuda:N or auto.")
-    refs: int = opt(4, "Rendered references per image for FD-demo.")
+    refs: int = opt(4, "Rendered references per image for FD-demo.", min=1, max=10_000)
 
 
 @dataclass

@@ -92,41 +92,36 @@ def _maps(config: dict) -> tuple[dict[str, str], dict[str, str]]:
     return _MAPS[key]
 
 
-def sgm_to_diffusers(name: str, config: dict) -> str:
-    """'input_blocks.4.0.in_layers.2' -> 'down_blocks.1.resnets.0.conv1'; raises KeyError if not in this UNet."""
-    if name in _TOP_SGM_TO_DIFFUSERS:
-        return _TOP_SGM_TO_DIFFUSERS[name]
-    bmap = _maps(config)[0]
-    hit = _split_block(name, bmap)
+def _translate(name: str, top: dict, blocks: dict, resnet: dict, down_conv: tuple[str, str], diffusers_side: int
+               ) -> str:
+    """Rename `name` through `top` (modules outside the blocks), else its longest block prefix in `blocks` plus the
+    layer inside: ResBlock layers through `resnet`, the downsampler's conv as `down_conv` (old -> new). The block
+    kind is read from the diffusers-side name (the target when diffusers_side is 1, the source when 0)."""
+    if name in top:
+        return top[name]
+    hit = _split_block(name, blocks)
     if hit is None:
         raise KeyError(name)
     head, rest = hit
-    target = bmap[head]
-    if ".resnets." in target:
-        hit = _split_block(rest, _RESNET_SGM_TO_DIFFUSERS)
+    target = blocks[head]
+    kind = (head, target)[diffusers_side]
+    if ".resnets." in kind:
+        hit = _split_block(rest, resnet)
         if hit is not None:
-            rest = _RESNET_SGM_TO_DIFFUSERS[hit[0]] + (f".{hit[1]}" if hit[1] else "")
-    elif target.endswith("downsamplers.0"):
-        rest = "conv" if rest == "op" else rest
+            rest = resnet[hit[0]] + (f".{hit[1]}" if hit[1] else "")
+    elif kind.endswith("downsamplers.0"):
+        rest = down_conv[1] if rest == down_conv[0] else rest
     return f"{target}.{rest}" if rest else target
+
+
+def sgm_to_diffusers(name: str, config: dict) -> str:
+    """'input_blocks.4.0.in_layers.2' -> 'down_blocks.1.resnets.0.conv1'; raises KeyError if not in this UNet."""
+    return _translate(name, _TOP_SGM_TO_DIFFUSERS, _maps(config)[0], _RESNET_SGM_TO_DIFFUSERS, ("op", "conv"), 1)
 
 
 def diffusers_to_sgm(name: str, config: dict) -> str:
     """Inverse of sgm_to_diffusers."""
-    if name in _TOP_DIFFUSERS_TO_SGM:
-        return _TOP_DIFFUSERS_TO_SGM[name]
-    inv = _maps(config)[1]
-    hit = _split_block(name, inv)
-    if hit is None:
-        raise KeyError(name)
-    head, rest = hit
-    if ".resnets." in head:
-        hit = _split_block(rest, _RESNET_DIFFUSERS_TO_SGM)
-        if hit is not None:
-            rest = _RESNET_DIFFUSERS_TO_SGM[hit[0]] + (f".{hit[1]}" if hit[1] else "")
-    elif head.endswith("downsamplers.0"):
-        rest = "op" if rest == "conv" else rest
-    return f"{inv[head]}.{rest}" if rest else inv[head]
+    return _translate(name, _TOP_DIFFUSERS_TO_SGM, _maps(config)[1], _RESNET_DIFFUSERS_TO_SGM, ("conv", "op"), 0)
 
 
 def is_sgm_name(name: str) -> bool:

@@ -48,7 +48,9 @@ def say(msg: str) -> None:
 
 
 def handled(fn):
-    """Turn LcmError into one line + exit 2, any other exception into exit 1 (traceback with --debug)."""
+    """Turn LcmError, and an OSError of the machine's (no space, read-only, no permission, a file where a folder
+    is needed: oserrors.env_error), into one line + exit 2; any other exception into exit 1 (traceback with
+    --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -68,6 +70,12 @@ def handled(fn):
         except Exception as e:  # noqa: BLE001 - the one place internal errors are reported
             if debug:
                 raise
+            from lcmtool.oserrors import env_error
+
+            env = env_error(e, None, probe=False)  # the machine at fault (no space, read-only, a file in the way)
+            if env is not None:
+                err(str(env))
+                raise typer.Exit(2) from None
             err(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
             raise typer.Exit(1) from None
 
@@ -192,7 +200,7 @@ def sample(cfg, json_: bool):
 @command(options.CompareConfig)
 def compare(cfg, json_: bool):
     """One grid: schedulers x steps on the same prompts and seeds, each cell with its time per image (Fig. 3)."""
-    from lcmtool.engines.sample import compare as run_compare
+    from lcmtool.engines.compare import compare as run_compare
 
     result = run_compare(cfg)
     if json_:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 from lcmtool.errors import LcmError
-from lcmtool.fileio import atomic_write_text
+from lcmtool.fileio import atomic_write_text, paired
 
 T = TypeVar("T")
 
@@ -229,6 +229,16 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def resolved_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def write_resolved(cfg, path: str | Path) -> None:
     """Write the resolved config as YAML next to an output, so every result says how it was made."""
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, resolved_yaml(cfg))
+
+
+def published_with(cfg, out: str | Path, path: str | Path | None = None):
+    """`with published_with(cfg, out): <write out atomically>`: the resolved config (`path`, default
+    `out` with suffix .yaml) and the output are published together or not at all (fileio.paired)."""
+    return paired(out, path or Path(out).with_suffix(".yaml"), resolved_yaml(cfg).encode())

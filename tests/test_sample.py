@@ -98,8 +98,8 @@ def stock_scheduler(name: str, cfg):
 @pytest.mark.parametrize("fam", ["sd", "xl"])
 def test_schedulers_match_plain_diffusers(demo_folders, fam):
     """lcm 4 steps w=1, dpmpp 4 steps w=7.5, ddim 4 steps w=7.5: lcmtool's image == stock diffusers' image."""
-    from lcmtool.models.load import load_pipeline
     from lcmtool.engines.sample import Job, generate, set_scheduler
+    from lcmtool.models.load import load_pipeline
 
     ours, family = load_pipeline(demo_folders[fam], torch.float32, "cpu")
     assert family == ("sd15" if fam == "sd" else "sdxl")
@@ -275,8 +275,8 @@ def test_prompts_file_jsonl_and_compare_grid(demo_folders, tmp_path):
 # ---- review fixes ----
 
 def test_read_prompts_null_negative_bad_encoding_and_seed_range(tmp_path):
+    from lcmtool.engines.inputs import read_prompts
     from lcmtool.errors import LcmError
-    from lcmtool.engines.sample import read_prompts
 
     pf = tmp_path / "p.jsonl"
     pf.write_text(json.dumps({"prompt": PROMPT, "negative_prompt": None}) + "\n")

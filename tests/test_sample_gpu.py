@@ -21,8 +21,8 @@ def demo(request, tmp_path_factory):
 @pytest.mark.parametrize("name", ["lcm", "tcd", "dpmpp", "ddim", "euler"])
 def test_denoising_loop_has_no_sync(demo, name):
     """torch's sync debug mode is 'error' from the first UNet call to the end of the last step."""
-    from lcmtool.models.load import load_pipeline
     from lcmtool.engines.sample import Job, generate, set_scheduler
+    from lcmtool.models.load import load_pipeline
 
     pipe, _ = load_pipeline(demo, torch.float16, "cuda")
     set_scheduler(pipe, dict(pipe.scheduler.config), name, 4, "leading")

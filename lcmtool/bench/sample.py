@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 PROMPT = "a large red circle on the left"
-# SD's VAE (4 levels, 2 resnets each) and CLIP ViT-L/14's text tower, as in /work/shared/bench/diffusers_baseline.py
+# SD's VAE (4 levels, 2 resnets each) and CLIP ViT-L/14's text tower, as in SD-1.5's shipped configs
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -86,10 +86,10 @@ def bench_sample(model: str = "demo:sd", device: str = "auto", dtype: str = "aut
     import torch
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
+    from lcmtool.engines.sample import Job, apply_loras, default_loras, generate, set_scheduler
     from lcmtool.lora.io import save_lora
     from lcmtool.lora.synth import synth_lora, target_shapes
     from lcmtool.models.load import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
-    from lcmtool.engines.sample import Job, apply_loras, default_loras, generate, set_scheduler
 
     quiet_libraries()
     dev = resolve_device(device)

@@ -1,172 +1,31 @@
-"""The sample engine: `sample(cfg)` makes PNGs, `compare(cfg)` makes a schedulers x steps grid.
+"""The sample engine: `sample(cfg)` makes PNGs for every prompt x num_images.
 
-Flow: validate every input (prompts, steps, LoRA files) -> load the pipeline -> pin the scheduler ->
-fuse the LoRAs -> diffusers' own pipeline call per batch, with per-image device generators so an image
-depends on its seed, not on its batch -> PNG + metadata, written atomically.
+Flow: validate every input (engines/inputs.py: prompts, steps, LoRA files) -> load the pipeline -> pin the
+scheduler -> fuse the LoRAs -> diffusers' own pipeline call per batch, with per-image device generators so an
+image depends on its seed, not on its batch -> PNG + metadata, written atomically. `compare` (engines/compare.py)
+shares the loading, LoRA and batch functions here.
 The denoising loop is diffusers' with the no-sync schedulers of `schedulers.py`.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from lcmtool import __version__
+from lcmtool.engines.inputs import (
+    Job,
+    check_guidance,
+    check_steps,
+    default_loras,
+    parse_loras,
+    read_prompts,
+)
 from lcmtool.errors import LcmError
 from lcmtool.models.load import resolve_model
-from lcmtool.models.schedulers import (
-    DEFAULT_GUIDANCE,
-    LCM_ORIGINAL_STEPS,
-    SAMPLER_NAMES,
-    SCHEDULERS,
-    make_scheduler,
-    pinned_config,
-)
-from lcmtool.options import CompareConfig, SampleConfig  # every option is declared once, in lcmtool/options.py
-
-# Before torch loads OpenMP: idle threads sleep instead of spinning. On a shared 2-core CPU, spinning made the
-# demo UNet ~100x slower (4 s instead of 20-30 ms per call).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-@dataclass
-class Job:
-    prompt: str
-    negative_prompt: str
-    seed: int
-
-
-_warned: set[str] = set()
-
-
-def warn(msg: str) -> None:
-    """A warning on stderr, once per message."""
-    if msg in _warned:
-        return
-    _warned.add(msg)
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold yellow]warning:[/] {msg}")
-
-
-# ---- input validation (all of it before any model loads or any file is written) ----
-
-def read_prompts(prompt: str | None, prompts: str | None, negative: str, seed: int, num_images: int) -> list[Job]:
-    if prompt is not None and prompts is not None:
-        raise LcmError("give --prompt or --prompts, not both")
-    if num_images < 1:
-        raise LcmError(f"--num-images must be >= 1, got {num_images}")
-    entries: list[tuple[str, str, int]] = []
-    if prompt is not None:
-        if not prompt.strip():
-            raise LcmError("--prompt is empty")
-        entries.append((prompt, negative, seed))
-    elif prompts is not None:
-        if prompts == "-":
-            text, where = sys.stdin.read(), "stdin"
-        else:
-            p = Path(prompts)
-            if not p.is_file():
-                raise LcmError(f"prompts file not found: {prompts}")
-            try:
-                text, where = p.read_text(encoding="utf-8"), prompts
-            except UnicodeDecodeError:
-                raise LcmError(f"prompts file {prompts} is not UTF-8 text") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LcmError(f"{where} line {n}: bad JSON ({e.msg})") from None
-                if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                    raise LcmError(f"{where} line {n}: JSON line needs a non-empty \"prompt\"")
-                s = rec.get("seed", seed)
-                if isinstance(s, bool) or not isinstance(s, int):
-                    raise LcmError(f"{where} line {n}: \"seed\" must be an integer")
-                neg = rec.get("negative_prompt", rec.get("negative"))  # null: the default, not "None"
-                entries.append((rec["prompt"], negative if neg is None else str(neg), s))
-            else:
-                entries.append((line, negative, seed))
-        if not entries:
-            raise LcmError(f"prompts file {where} has no prompts")
-    else:
-        raise LcmError("no prompt: give --prompt TEXT or --prompts FILE")
-    jobs = [Job(p, neg, s + k) for p, neg, s in entries for k in range(num_images)]
-    bad = next((j.seed for j in jobs if not -2 ** 63 <= j.seed < 2 ** 64), None)
-    if bad is not None:  # torch.Generator.manual_seed takes a 64-bit seed
-        raise LcmError(f"seed {bad} is out of range (a 64-bit integer)")
-    return jobs
-
-
-def parse_loras(specs: list[str]) -> list[tuple[str, float]] | None:
-    """['a.safetensors:0.8', 'b.safetensors'] -> [(path, weight)]; [] -> None (use the default); 'none' -> []."""
-    if not specs:
-        return None
-    if any(s.strip().lower() == "none" for s in specs):
-        if len(specs) > 1:
-            raise LcmError("--lora none turns LoRAs off; it cannot be combined with other --lora values")
-        return []
-    out = []
-    for s in specs:
-        path, weight = s, 1.0
-        head, sep, tail = s.rpartition(":")
-        if sep and head and not Path(s).exists():
-            try:
-                path, weight = head, float(tail)
-            except ValueError:
-                pass
-        if not Path(path).is_file():
-            raise LcmError(f"LoRA file not found: {path}")
-        out.append((path, weight))
-    return out
-
-
-def default_loras(model: str, scheduler: str) -> list[tuple[str, float]]:
-    """A model that ships an LCM-LoRA (the demo models) gets it for lcm/tcd (issue 6); elsewhere nothing."""
-    ref = resolve_model(model)
-    if scheduler not in ("lcm", "tcd") or not ref.lcm_lora:
-        return []
-    if not Path(ref.lcm_lora).is_file():
-        raise LcmError(f"the LCM-LoRA shipped for {model} is not built at {ref.lcm_lora} (run `make demo-models`), "
-                       "or pass --lora none to sample the plain teacher")
-    return [(ref.lcm_lora, 1.0)]
-
-
-def check_steps(scheduler: str, steps: int, timesteps: list[int] | None) -> int:
-    if timesteps:
-        if scheduler not in ("lcm", "tcd"):
-            raise LcmError("--timesteps is for the lcm and tcd schedulers")
-        decreasing = all(a > b for a, b in zip(timesteps, timesteps[1:], strict=False))
-        if not decreasing or any(t < 0 or t > 999 for t in timesteps):
-            raise LcmError(f"--timesteps must be strictly decreasing values in 0..999, got {timesteps}")
-        return len(timesteps)
-    if steps < 1:
-        raise LcmError(f"--steps must be >= 1, got {steps}")
-    if steps > 1000:
-        raise LcmError(f"--steps must be <= 1000, got {steps}")
-    return steps
-
-
-def check_guidance(scheduler: str, guidance: float | None, negatives: bool, steps: int) -> float:
-    g = DEFAULT_GUIDANCE[scheduler] if guidance is None else float(guidance)
-    if g < 0:
-        raise LcmError(f"--guidance must be >= 0, got {g}")
-    if scheduler in ("lcm", "tcd") and g > 2:
-        warn(f"guidance {g} > 2 with {scheduler.upper()} over-saturates images; LCM-LoRA is distilled for 1-2")
-    if negatives and g <= 1:
-        warn("the negative prompt has no effect at guidance <= 1 (one UNet pass per step, no CFG)")
-    if scheduler in ("lcm", "tcd") and steps > LCM_ORIGINAL_STEPS:
-        warn(f"{steps} LCM steps exceed the {LCM_ORIGINAL_STEPS} original solver steps the LoRA was distilled on; "
-             "the schedule is stretched and quality will not improve")
-    return g
-
+from lcmtool.models.schedulers import LCM_ORIGINAL_STEPS, SAMPLER_NAMES, make_scheduler, pinned_config
+from lcmtool.options import SampleConfig  # every option is declared once, in lcmtool/options.py
 
 # ---- model, LoRAs ----
 
@@ -282,8 +141,6 @@ def _next_index(out: Path) -> int:
     return max(idx, default=-1) + 1
 
 
-# ---- commands ----
-
 def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
     """`lcmtool sample`: images for every prompt x num_images; returns one record per PNG written."""
     from lcmtool.config import write_resolved
@@ -316,123 +173,35 @@ def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, pr
                     gamma=cfg.gamma if cfg.scheduler == "tcd" else None, width=width, height=height,
                     device=device, dtype=str(pipe.unet.dtype).replace("torch.", ""),
                     scheduler_config=sched_cfg, version=__version__)
-    bar = _progress(progress, len(jobs))
-    for b in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[b:b + cfg.batch_size]
-        images, ms = generate(pipe, batch, cfg.scheduler, steps, guidance, height, width, device,
-                              cfg.timesteps, cfg.gamma)
-        timesteps = pipe.scheduler._host_timesteps.tolist()  # the schedule this call ran
-        for job, im in zip(batch, images, strict=True):
-            meta = dict(run_meta, prompt=job.prompt, negative_prompt=job.negative_prompt if guidance > 1 else "",
-                        seed=job.seed, timesteps=timesteps)
-            path = out / f"{index:05d}-{job.seed}.png"
-            index += 1
-            save_png(im, path, meta)
-            rec = {"path": str(path), "prompt": job.prompt, "seed": job.seed, "scheduler": cfg.scheduler,
-                   "steps": steps, "guidance": guidance, "width": width, "height": height,
-                   "ms_per_image": round(ms / len(batch), 2), "batch_ms": round(ms, 2), "batch_size": len(batch),
-                   "load_ms": round(load_ms, 1)}
-            records.append(rec)
-            if on_image:
-                on_image(rec)
-        bar.advance(len(batch))
-    bar.stop()
+    with _progress(progress) as bar:
+        task = bar.add_task("sample", total=len(jobs))
+        for b in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[b:b + cfg.batch_size]
+            images, ms = generate(pipe, batch, cfg.scheduler, steps, guidance, height, width, device,
+                                  cfg.timesteps, cfg.gamma)
+            timesteps = pipe.scheduler._host_timesteps.tolist()  # the schedule this call ran
+            for job, im in zip(batch, images, strict=True):
+                meta = dict(run_meta, prompt=job.prompt, negative_prompt=job.negative_prompt if guidance > 1 else "",
+                            seed=job.seed, timesteps=timesteps)
+                path = out / f"{index:05d}-{job.seed}.png"
+                index += 1
+                save_png(im, path, meta)
+                rec = {"path": str(path), "prompt": job.prompt, "seed": job.seed, "scheduler": cfg.scheduler,
+                       "steps": steps, "guidance": guidance, "width": width, "height": height,
+                       "ms_per_image": round(ms / len(batch), 2), "batch_ms": round(ms, 2), "batch_size": len(batch),
+                       "load_ms": round(load_ms, 1)}
+                records.append(rec)
+                if on_image:
+                    on_image(rec)
+            bar.advance(task, len(batch))
     write_resolved(cfg, out / "sample.yaml")
     return records
 
 
-class _NoBar:
-    def advance(self, n): ...
-    def stop(self): ...
+def _progress(enabled: bool):
+    """rich's progress bar on stderr, shown only when asked and stderr is a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-
-class _Bar:
-    def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          console=Console(stderr=True), transient=True)
-        self.task = self.p.add_task("sample", total=total)
-        self.p.start()
-
-    def advance(self, n):
-        self.p.advance(self.task, n)
-
-    def stop(self):
-        self.p.stop()
-
-
-def _progress(enabled: bool, total: int):
-    return _Bar(total) if enabled and sys.stderr.isatty() else _NoBar()
-
-
-def parse_run(spec: str) -> tuple[str, int, float | None]:
-    """'lcm:4' or 'dpmpp:25:7.5' -> (scheduler, steps, guidance or None)."""
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in SCHEDULERS:
-        raise LcmError(f"bad run {spec!r}: expected scheduler:steps[:guidance] with scheduler one of "
-                       f"{', '.join(SCHEDULERS)}")
-    try:
-        steps = int(parts[1])
-        g = float(parts[2]) if len(parts) == 3 else None
-    except ValueError:
-        raise LcmError(f"bad run {spec!r}: steps must be an integer and guidance a number") from None
-    check_steps(parts[0], steps, None)
-    return parts[0], steps, g
-
-
-def compare(cfg: CompareConfig) -> dict:
-    """`lcmtool compare`: one grid, rows = prompt x seed, columns = scheduler:steps, each with its ms/image."""
-    from lcmtool.config import write_resolved
-    from lcmtool.outputs.png import grid, save_png
-
-    jobs = read_prompts(cfg.prompt, cfg.prompts, cfg.negative_prompt, cfg.seed, cfg.num_images)
-    resolve_model(cfg.model)
-    if not cfg.runs:
-        raise LcmError("compare needs at least one run (scheduler:steps)")
-    runs = [parse_run(r) for r in cfg.runs]
-    guid = [check_guidance(s, g, any(j.negative_prompt for j in jobs), n) for s, n, g in runs]
-    explicit = parse_loras(cfg.lora)
-    distilled = [s in ("lcm", "tcd") for s, _, _ in runs]
-    loras = explicit if explicit is not None else (default_loras(cfg.model, "lcm") if any(distilled) else [])
-    out = Path(cfg.out)
-    if out.suffix.lower() != ".png":
-        raise LcmError(f"--out for compare is the grid's PNG path, got {cfg.out}")
-
-    pipe, family, device, _ = load(cfg.model, cfg.device, cfg.dtype, cfg.model_config, cfg.tokenizer)
-    base_config = dict(pipe.scheduler.config)
-    height, width = image_size(pipe, cfg.height, cfg.width)
-    files = check_loras(pipe, family, cfg.model, loras) if loras else None  # fail on a bad LoRA before sampling
-    # warm-up: first calls pay for allocation and kernel selection, which no column should be charged
-    set_scheduler(pipe, base_config, "ddim", 1, cfg.timestep_spacing)
-    generate(pipe, jobs[:1], "ddim", 1, 1.0, height, width, device)
-
-    # the teacher's columns first, then fuse the LoRA once for the distilled ones
-    order = sorted(range(len(runs)), key=lambda i: distilled[i])
-    cells: dict[int, list] = {}
-    timings: dict[int, float] = {}
-    lora_meta: list[dict] = []
-    fused = False
-    for i in order:
-        name, steps, _ = runs[i]
-        if distilled[i] and loras and not fused:
-            lora_meta = apply_loras(pipe, family, cfg.model, loras, fuse=True, files=files)
-            fused = True
-        set_scheduler(pipe, base_config, name, steps, cfg.timestep_spacing)
-        images, ms = generate(pipe, jobs, name, steps, guid[i], height, width, device, gamma=cfg.gamma)
-        cells[i], timings[i] = images, ms / len(jobs)
-    col_labels = [f"{SAMPLER_NAMES[s]} {n} step{'s' * (n > 1)}, {timings[i]:.0f} ms/img"
-                  for i, (s, n, _) in enumerate(runs)]
-    rows = [[cells[i][r] for i in range(len(runs))] for r in range(len(jobs))]
-    row_labels = [f"{j.prompt} (seed {j.seed})" for j in jobs]
-    cell_labels = [[f"{SAMPLER_NAMES[s]} {n}, w={guid[i]:g}" for i, (s, n, _) in enumerate(runs)] for _ in jobs]
-    img = grid(rows, col_labels, row_labels, cell_labels)
-    result = {"path": str(out), "model": cfg.model, "device": device, "width": width, "height": height,
-              "runs": [{"scheduler": s, "steps": n, "guidance": guid[i], "lora": bool(distilled[i] and loras),
-                        "ms_per_image": round(timings[i], 2)} for i, (s, n, _) in enumerate(runs)],
-              "loras": lora_meta, "rows": [dataclasses.asdict(j) for j in jobs], "version": __version__}
-    save_png(img, out, result, a1111=False)
-    write_resolved(cfg, out.with_suffix(".yaml"))
-    return result
-
+    return Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True, disable=not (enabled and sys.stderr.isatty()))

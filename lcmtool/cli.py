@@ -49,7 +49,7 @@ def say(msg: str) -> None:
 
 def handled(fn):
     """Turn LcmError, and an OSError of the machine's (no space, read-only, no permission, a file where a folder
-    is needed: oserrors.env_error), into one line + exit 2; any other exception into exit 1 (traceback with
+    is needed: oserrors.machine_error), into one line + exit 2; any other exception into exit 1 (traceback with
     --debug)."""
 
     @functools.wraps(fn)
@@ -70,11 +70,11 @@ def handled(fn):
         except Exception as e:  # noqa: BLE001 - the one place internal errors are reported
             if debug:
                 raise
-            from lcmtool.oserrors import env_error
+            from lcmtool.oserrors import machine_error
 
-            env = env_error(e, None, probe=False)  # the machine at fault (no space, read-only, a file in the way)
-            if env is not None:
-                err(str(env))
+            line = machine_error(e)  # the machine at fault (no space, read-only, a file in the way)
+            if line is not None:
+                err(line)
                 raise typer.Exit(2) from None
             err(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
             raise typer.Exit(1) from None

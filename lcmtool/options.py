@@ -88,7 +88,7 @@ class MergeConfig:
 @dataclass
 class InspectConfig:
     file: str = opt("", "LoRA .safetensors to describe.", argument=True)
-    family: Optional[str] = opt(None, "sd15 | sdxl | ssd1b (override the guess).")
+    family: Optional[Literal["sd15", "sdxl", "ssd1b"]] = opt(None, "sd15 | sdxl | ssd1b (override the guess).")
 
 
 @dataclass
@@ -117,7 +117,7 @@ class DistillConfig:
     # LoRA (LCM-LoRA: rank 64, alpha 64 on 14 module kinds)
     lora_rank: int = opt(64, min=1, max=65536)
     lora_alpha: float = opt(64.0, gt=0)
-    target_modules: list[str] = opt(list(LCM_TARGETS))
+    target_modules: list[str] = opt(list(LCM_TARGETS), min_items=1)
     conv_rank: int = opt(0, min=0)  # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
     conv_alpha: float = opt(0.0, min=0)  # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
     # LCD (Algorithm 1)
@@ -143,15 +143,15 @@ class DistillConfig:
     # machine
     device: str = opt("auto")           # auto | cpu | cuda | cuda:N (under accelerate launch: its devices)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto")  # auto: bf16 on CUDA, fp32 on CPU
-    seed: int = opt(0)
+    seed: int = opt(0, min=0, max=2 ** 32 - 1)  # accelerate.set_seed seeds numpy too (32 bits)
     # outputs
     checkpoint_every: int = opt(500, min=0)  # 0: only the final checkpoint
     keep_checkpoints: int = opt(2, min=0)
     resume: str = opt("", "latest, or a checkpoint folder.")
     validate_every: int = opt(500, min=0)  # 0: only at the end; validation grids use LCM 1/2/4/8 steps
-    validation_steps: list[int] = opt([1, 2, 4, 8], min=1, max=1000)
-    validation_prompts: list[str] = opt(list(DEMO_PROMPTS))
-    validation_seed: int = opt(1234)
+    validation_steps: list[int] = opt([1, 2, 4, 8], min=1, max=1000, min_items=1)
+    validation_prompts: list[str] = opt(list(DEMO_PROMPTS), min_items=1)
+    validation_seed: int = opt(1234, min=-2 ** 63, max=2 ** 64 - 1)
     log_every: int = opt(10, min=1)
     # metrics.jsonl always; TensorBoard (accelerate's tracker, <out>/tensorboard) when installed (auto) or required
     report_to: Literal["auto", "tensorboard", "none"] = opt("auto")

@@ -27,12 +27,13 @@ T = TypeVar("T")
 
 def opt(default: Any = None, help: str = "", *, argument: bool = False, flag: str | None = None,
         min: float | None = None, max: float | None = None, gt: float | None = None, lt: float | None = None,
-        finite: bool = True) -> Any:
+        finite: bool = True, min_items: int = 0) -> Any:
     """A config field that is also a CLI option (`--name-with-dashes`, or `flag`); `argument`: a positional one.
     An empty help keeps the field a config key only (YAML / --set). `min`/`max` (inclusive) and `gt`/`lt`
-    (exclusive) bound a number or each item of a list of numbers; floats must be finite unless `finite=False`."""
+    (exclusive) bound a number or each item of a list of numbers; floats must be finite unless `finite=False`;
+    a list must hold at least `min_items` items."""
     meta = {"help": help, "argument": argument, "flag": flag, "min": min, "max": max, "gt": gt, "lt": lt,
-            "finite": finite}
+            "finite": finite, "min_items": min_items}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -40,10 +41,16 @@ def opt(default: Any = None, help: str = "", *, argument: bool = False, flag: st
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise LcmError(f"config file {path} is a folder, not a YAML file")
+    if not path.exists():
         raise LcmError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LcmError(f"config file {path} is not UTF-8 text (a YAML file was expected)") from None
+    except OSError as e:
+        raise LcmError(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -184,6 +191,10 @@ def _num(v: float) -> str:
 def _check_bounds(value: Any, f: dataclasses.Field, key: str, top: bool) -> None:
     """Refuse non-finite floats (unless the field allows them) and numbers outside the field's bounds."""
     if isinstance(value, (list, tuple)):
+        if len(value) < f.metadata.get("min_items", 0):
+            raise LcmError(f"{_name(f, key, top)}: must hold at least {f.metadata['min_items']} item(s), got none"
+                           if not value else f"{_name(f, key, top)}: must hold at least "
+                           f"{f.metadata['min_items']} items, got {len(value)}")
         for i, v in enumerate(value):
             _check_bounds(v, f, f"{key}[{i}]", top)
         return

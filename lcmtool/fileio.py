@@ -269,6 +269,21 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def fresh_folder(folder: str | os.PathLike, keep=None) -> Iterator[Path]:
+    """For a run folder the block fills (distill's `runs/<name>`): if the block fails and the folder did not
+    exist (or was empty) before it, the folder goes, unless `keep(folder)` says it holds something worth
+    keeping (a checkpoint to resume from). Only rank 0 of a data-parallel run removes it."""
+    folder = Path(folder)
+    fresh = not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+    try:
+        yield folder
+    except BaseException:
+        if fresh and folder.is_dir() and os.environ.get("RANK", "0") == "0" and not (keep and keep(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 # ---- an output and its side file (the resolved config), published together ----
 
 def _publish_with_side(tmp: Path, final: Path, side: tuple[Path, Path]) -> None:

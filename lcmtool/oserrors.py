@@ -122,9 +122,8 @@ def env_error(exc: BaseException, path: str | os.PathLike | None, written: int =
     target = Path(path) if path is not None else None
     if isinstance(exc, OSError) and exc.filename and (target is None or code in (E.ENOTDIR, E.EISDIR, E.EEXIST)):
         target = Path(exc.filename)
-    if target is None:  # a bare OSError(ENOSPC) from a file object's write names no file
-        return WriteError(f"{os.strerror(code)} while writing: free some space or choose a writable folder",
-                          None, code) if code in (E.ENOSPC, E.EDQUOT, E.EROFS) else None
+    if target is None:
+        return None
     if code is None and probe and (isinstance(exc, OSError) or re.search(
             r"unexpected pos|I/O|iostream|serializ|write|file", str(exc), re.I)):
         code = _probe(target)
@@ -143,3 +142,17 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         if err is None or err is exc:
             raise
         raise err from None
+
+
+def machine_error(exc: BaseException) -> str | None:
+    """The CLI's last resort, for an error that escaped every writer: one line when the machine is at fault (an
+    OSError naming a path: missing, not permitted, read-only, full, a file or folder in the way), else None."""
+    code = _errno_of(exc)
+    if isinstance(exc, OSError) and exc.filename and exc.errno in (*_ENV, E.ENOENT, E.ELOOP):
+        path = Path(exc.filename)
+        if exc.errno in (E.ENOSPC, E.EDQUOT, E.EROFS, E.ENOTDIR, E.EEXIST, E.EISDIR):
+            return describe(exc.errno, path)
+        return f"{path}: {exc.strerror or os.strerror(exc.errno)}"
+    if code in (E.ENOSPC, E.EDQUOT, E.EROFS):  # a writer's own error that names the cause but no path
+        return f"{os.strerror(code)} while writing: free some space or choose a writable folder"
+    return None

@@ -257,6 +257,32 @@ def distill(cfg, json_: bool):
         say(f"wrote {summary['lora']} ({summary['steps']} steps, final loss {summary['final_loss']:.4g})")
 
 
+@command(options.FinetuneConfig)
+def finetune(cfg, json_: bool):
+    """Fine-tune by the denoising loss: a style LoRA (tau', paper eq. 2-3) or, with --full, a fine-tuned variant."""
+    from lcmtool.engines.finetune import finetune as run_finetune
+
+    summary = run_finetune(cfg)
+    if json_:
+        emit_json(summary)
+    else:
+        say(f"wrote {summary.get('lora') or summary.get('pipeline')} ({summary['steps']} steps, loss "
+            f"{summary['first_loss']:.4g} -> {summary['final_loss']:.4g})")
+
+
+@command(options.PaperConfig)
+def paper(cfg, json_: bool):
+    """The paper in miniature: Tables 1-3, the lambda sweep and figures on the demo world -> docs/results/."""
+    from lcmtool.engines.paper import run_paper
+
+    res = run_paper(cfg)
+    if json_:
+        emit_json(res)
+    else:
+        say(f"wrote {cfg.out}/results.json in {res['wall_s']:.0f} s: claims " +
+            ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in res["claims"].items() if isinstance(v, bool)))
+
+
 @command(options.EvalConfig, name="eval")
 def eval_(cfg, json_: bool):
     """Score demo images against their prompts: shape/colour/size/position/style accuracy and FD-demo."""

@@ -176,3 +176,83 @@ class BenchConfig:
     distill: bool = opt(False, "LCD training step: plain loop vs lcmtool, same run.")
     model: str = opt("demo:sd", "--sample: demo:sd | random:sd15 | random:sdxl | random:ssd1b | a model spec.")
     device: str = opt("auto", "auto | cpu | cuda.")
+
+
+STYLE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                 "conv2"]  # the style LoRAs' modules (attention, feed-forward and the ResNet convs)
+
+
+@dataclass
+class FinetuneConfig:
+    """A style LoRA (tau', paper eq. 2-3) or, with --full, a fine-tuned variant of the model, by the standard
+    denoising loss; the data pipeline, checkpoints and outputs are distill's. See configs/finetune/*.yaml."""
+    name: str = opt("finetune", "Run name: output goes to runs/<name> unless --out.")
+    model: str = opt("demo:sd", "Model to fine-tune: demo:sd, demo:xl, a diffusers folder or hub id.")
+    out: str = opt("", "Output folder (default runs/<name>).")
+    full: bool = opt(False, "Full fine-tune of the UNet: writes a diffusers pipeline folder (a fine-tuned variant) "
+                            "instead of a LoRA.")
+    # data (distill's pipeline and latent cache)
+    data: str = opt("demo:shapes", "demo:shapes[:outline|striped], an image folder, or WebDataset tar glob.")
+    num_samples: int = opt(30000, min=1)  # demo:shapes only: how many scenes to render and cache
+    resolution: int = opt(0, min=0, max=16384)  # 0: the UNet's native size
+    center_crop: bool = opt(True)
+    cache_dir: str = opt("")
+    uncond: Literal["auto", "empty", "zeros"] = opt("auto")  # the caption-dropout embedding: auto as distill
+    caption_dropout: float = opt(0.0, min=0, max=1)  # share of captions replaced by the unconditional embedding
+    # LoRA (ignored with --full)
+    lora_rank: int = opt(4, min=1, max=65536)
+    lora_alpha: float = opt(4.0, gt=0)
+    target_modules: list[str] = opt(list(STYLE_TARGETS), min_items=1)
+    # optimisation
+    max_steps: int = opt(800, "Optimizer steps.", min=1)
+    batch_size: int = opt(256, min=1)
+    grad_accum: int = opt(1, min=1)
+    lr: float = opt(1e-3, gt=0)
+    lr_scheduler: Literal["constant", "cosine"] = opt("cosine")  # diffusers.optimization, after warmup_steps
+    warmup_steps: int = opt(100, min=0)
+    adam_beta1: float = opt(0.9, min=0, lt=1)
+    adam_beta2: float = opt(0.999, min=0, lt=1)
+    adam_eps: float = opt(1e-8, gt=0)
+    weight_decay: float = opt(0.0, min=0)
+    max_grad_norm: float = opt(0.0, min=0)  # 0: no clipping
+    # machine
+    device: str = opt("auto")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto")
+    seed: int = opt(3)
+    # outputs
+    checkpoint_every: int = opt(0, min=0)  # 0: only the final checkpoint
+    keep_checkpoints: int = opt(2, min=0)
+    resume: str = opt("", "latest, or a checkpoint folder.")
+    validate_every: int = opt(0, min=0)  # 0: only at the end; grids use DPM-Solver++ at CFG 7.5
+    validation_steps: list[int] = opt([8, 25], min=1, max=1000, min_items=1)
+    validation_prompts: list[str] = opt(list(DEMO_PROMPTS), min_items=1)
+    validation_seed: int = opt(1234)
+    log_every: int = opt(10, min=1)
+    report_to: Literal["auto", "tensorboard", "none"] = opt("auto")
+    format: Literal["kohya", "kohya-sgm", "kohya-diffusers", "diffusers", "peft"] = opt(
+        "kohya", "LoRA file format: kohya, kohya-sgm, kohya-diffusers, diffusers or peft.")
+    save_dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16")
+    style: str = opt("")  # recorded in the LoRA's metadata (lcmtool.style); default: the demo data's style
+
+
+@dataclass
+class PaperConfig:
+    """`lcmtool paper`: the LCM-LoRA paper's three claims measured on the demo world (issue 15)."""
+    out: str = opt("docs/results", "Folder for results.json, results.md and the figures.")
+    work: str = opt("runs/paper", "Intermediates: images, merged LoRAs, made style LoRAs and fine-tuned variants.")
+    families: list[str] = opt(["sd", "xl"], "Demo teachers to measure (sd, xl).")
+    styles: list[str] = opt(["outline", "striped"], "Styles for Table 3 and the sweep.")
+    parts: list[str] = opt(["lcd", "universality", "style", "sweep", "blocks"], "Which parts to run.")
+    prompts: int = opt(40, "Held-out prompts per setting (spread over the 40; >= 2).", min=2, max=40)
+    images_per_prompt: int = opt(1, "Images per prompt and setting.", min=1, max=1000)
+    sweep_prompts: int = opt(0, "Prompts per lambda-sweep cell (0: --prompts).", min=0, max=40)
+    lambdas: list[float] = opt([0.2, 0.4, 0.6, 0.8, 1.0, 1.2], "lambda1 and lambda2 values of the sweep.",
+                               min=-10, max=10)
+    rebuild: bool = opt(False, "Remake the style LoRAs and fine-tuned variants with finetune (and the LCM-LoRAs "
+                               "with distill) instead of reusing shipped or earlier ones.")
+    finetune_set: list[str] = opt([], "KEY=VALUE overrides of the configs/finetune runs that make missing "
+                                      "artefacts (e.g. max_steps=100), repeatable.")
+    distill_set: list[str] = opt([], "--rebuild: KEY=VALUE overrides of the LCM-LoRA distillation, repeatable.")
+    seed: int = opt(0, "Seed of the first image; every setting samples the same seeds.")
+    batch_size: int = opt(40, "Images per pipeline call.", min=1, max=4096)
+    device: str = opt("cpu", "cpu | cuda | auto.")

@@ -31,15 +31,22 @@ def resolve_demo_model(spec: str) -> ModelRef:
 
 
 def demo_shapes(spec: str, num_samples: int, seed: int) -> Source:
-    """`demo:shapes`: `num_samples` random training scenes of the demo world, rendered in chunks on demand."""
-    if spec != "demo:shapes":
-        raise LcmError(f"unknown demo data {spec!r} (known: demo:shapes)")
+    """`demo:shapes`: `num_samples` random training scenes of the demo world, rendered in chunks on demand;
+    `demo:shapes:STYLE` (outline, striped) draws them in that style, its trigger phrase in the captions."""
+    import functools
+
+    from lcmtool.demo import world
+
+    name, _, style = spec.partition(":")[2].partition(":")
+    if name != "shapes" or (style and (style not in world.STYLES or style == "solid")):
+        raise LcmError(f"unknown demo data {spec!r} (known: demo:shapes, demo:shapes:outline, demo:shapes:striped)")
     if num_samples <= 0:
         raise LcmError("data demo:shapes needs num_samples > 0")
-    return Source(spec, "demo", list(range(num_samples)), chunks=_render_chunks)
+    return Source(spec, "demo", list(range(num_samples)),
+                  chunks=functools.partial(_render_chunks, style=style or "solid"))
 
 
-def _render_chunks(source: Source, resolution: int, rng, chunk: int, device):
+def _render_chunks(source: Source, resolution: int, rng, chunk: int, device, style: str = "solid"):
     import torch
 
     from lcmtool.demo import world
@@ -47,7 +54,7 @@ def _render_chunks(source: Source, resolution: int, rng, chunk: int, device):
     if resolution != world.SIZE:
         raise LcmError(f"demo:shapes renders {world.SIZE}px images; the model trains at {resolution}px")
     for start in range(0, len(source.items), chunk):
-        scenes = [world.sample_scene(rng, "train") for _ in range(min(chunk, len(source.items) - start))]
+        scenes = [world.sample_scene(rng, "train", style=style) for _ in range(min(chunk, len(source.items) - start))]
         imgs = world.render(scenes, device=device)
         row = [resolution, resolution, 0, 0, resolution, resolution]  # no crop: orig = target size
         yield imgs, [world.caption(s) for s in scenes], torch.tensor([row] * len(scenes), dtype=torch.float32)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU torch from the local wheel on machines like ours; a GPU user sets TORCH_SPEC (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint demo demo-models bench clean
+.PHONY: install test lint demo demo-models paper bench clean
 
 $(BIN)/lcmtool: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: install
 
 demo-models: install
 	$(BIN)/python tools/demo_models.py --out lcmtool/demo/assets
+
+# The paper in miniature (issue 15): Tables 1-3, the lambda sweep and figures -> docs/results/ (PAPER_ARGS: e.g.
+# "--prompts 20 --rebuild"); shipped artefacts are reused, missing ones made with `lcmtool finetune`.
+paper: install
+	$(BIN)/lcmtool paper $(PAPER_ARGS)
 
 clean:
 	rm -rf outputs runs .pytest_cache

@@ -3,9 +3,9 @@
 `python tools/demo_models.py --stage all --out lcmtool/demo/assets` (what `make demo-models` runs) goes in three
 waves: the VAE; both teachers; the style LoRAs and both LCM-LoRAs. On CUDA the stages of a wave run as parallel
 processes (logs in --work), and `--waves 1,2` then `--waves 3` splits the recipe into two commands. Every stage is
-seeded; steps, batch sizes and the GPU time budgets live in RECIPE below. Loss curves are saved as PNG beside the
-weights. On one H200 the three waves take ~100 s, ~180 s and ~270 s (the shipped run, README); on our 2-core CPU
-the VAE and teachers are far too slow (see README).
+seeded; steps, batch sizes and the GPU time budgets live in RECIPE below, the style LoRAs' in configs/finetune/.
+Loss curves are saved as PNG beside the weights. On one H200 the three waves take ~100 s, ~180 s and ~270 s (the
+shipped run, README); on our 2-core CPU the VAE and teachers are far too slow (see README).
 The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-*.yaml` on the
 teachers written here (the `lcm` stage runs it; alone it takes 28-41 minutes on the 2-core CPU).
 """
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lcmtool.demo import ASSETS, arch, world
-from lcmtool.fileio import atomic_path, atomic_write_text
+from lcmtool.fileio import atomic_write_text
 from lcmtool.outputs.plot import line_chart, smooth
 
 REPO = Path(__file__).resolve().parent.parent  # the recipe lives in tools/, outside the runtime package
@@ -44,13 +44,9 @@ RECIPE = {
     # teachers: UNet + text encoder(s) from scratch on cached latents; 10% caption dropout for CFG.
     "teacher": dict(steps=7000, batch=512, lr=4e-4, te_lr=2e-4, warmup=300, ema=0.999, drop=0.1,
                     n_scenes=120_000, seed=2, budget_s=170),
-    # style LoRAs: plain diffusion loss on styled renders, LoRA on the frozen teacher UNet
-    "style": dict(steps=800, batch=256, lr=1e-3, rank=4, n_scenes=30_000, seed=3),
 }
 # the whole recipe (style-xl only on request): VAE -> both teachers -> style LoRAs and both LCM-LoRAs
 WAVES = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "lcm-sd", "lcm-xl"]]
-STYLE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                 "conv1", "conv2"]
 
 
 def log(msg: str) -> None:
@@ -272,65 +268,20 @@ def train_teacher(family: str, out: Path, work: Path, device: str, max_seconds: 
 
 
 # ---------------------------------------------------------------- style LoRAs
-def train_style(family: str, style: str, out: Path, device: str, max_seconds: float = 1e9):
-    """A style vector tau_style: LoRA fine-tune of the teacher on one style with its trigger phrase."""
-    from diffusers import DDPMScheduler, DiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    cfg = RECIPE["style"]
-    torch.manual_seed(cfg["seed"])
-    pipe = DiffusionPipeline.from_pretrained(out / f"demo-{family}", torch_dtype=torch.float32).to(device)
-    pipe.unet.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    if family == "xl":
-        pipe.text_encoder_2.requires_grad_(False)
-    pipe.unet.add_adapter(LoraConfig(r=cfg["rank"], lora_alpha=cfg["rank"], target_modules=STYLE_TARGETS,
-                                     init_lora_weights="gaussian"))
-    tok = pipe.tokenizer
-    latents, ids = cache_latents(pipe.vae, render_dataset(cfg["n_scenes"], cfg["seed"], style=style), tok, device)
-    acp = DDPMScheduler.from_config(arch.SD15_SCHEDULER).alphas_cumprod.to(device)
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    g = torch.Generator(device=device).manual_seed(cfg["seed"])
-    amp = autocast(device)
-    losses, t0 = [], time.time()
-    for step in range(cfg["steps"]):
-        idx = torch.randint(0, latents.shape[0], (cfg["batch"],), device=device, generator=g)
-        z0, tid = latents[idx], ids[idx]
-        noise = torch.randn(z0.shape, device=device, generator=g)
-        t = torch.randint(0, 1000, (cfg["batch"],), device=device, generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, cfg["lr"], 100, cfg["steps"])
-        with torch.no_grad(), amp:
-            emb, pooled = encode_text(family, pipe, tid)
-        with amp:
-            kw = {}
-            if family == "xl":
-                kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": xl_time_ids(len(t), device)}
-            pred = pipe.unet(zt, t, emb, **kw).sample
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            losses.append(loss.item())
-        if time.time() - t0 > max_seconds:
-            break
-    path = out / f"style-{style}-demo-{family}.safetensors"
-    sd = get_peft_model_state_dict(pipe.unet)
-    sd = {f"unet.{k}": v.to(torch.float16).contiguous() for k, v in sd.items()}
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt", "lcmtool.kind": "style-lora", "lcmtool.style": style,
-                                          "lcmtool.trigger": world.STYLES[style], "lcmtool.base": f"demo:{family}",
-                                          "lcmtool.rank": str(cfg["rank"]), "lcmtool.steps": str(step + 1)})
-    line_chart({f"{style} LoRA loss": losses}, out / f"style-{style}-demo-{family}.loss.png",
-               title=f"style LoRA {style}")
-    info = dict(steps=step + 1, seconds=round(time.time() - t0, 1), final_loss=losses[-1])
+def train_style(family: str, style: str, out: Path, work: Path, device: str, quick: bool = False):
+    """A style vector tau_style: `lcmtool finetune --config configs/finetune/demo-style-<style>.yaml` on the
+    teacher (a rank-4 LoRA, plain denoising loss on styled renders with their trigger phrase)."""
+    run = work / f"style-run-{style}-{family}"
+    shipped = out.resolve() == ASSETS.resolve()
+    teacher = f"demo:{family}" if shipped else str(out / f"demo-{family}")
+    sets = ["device=" + device] + (["max_steps=3", "batch_size=8", "num_samples=64"] if quick else [])
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "lcmtool", "finetune", "--config",
+                    str(REPO / f"configs/finetune/demo-style-{style}.yaml"), "--model", teacher, "--out", str(run)]
+                   + [a for s in sets for a in ("--set", s)], check=True)
+    shutil.copy(run / "lora.safetensors", out / f"style-{style}-demo-{family}.safetensors")
+    shutil.copy(run / "loss.png", out / f"style-{style}-demo-{family}.loss.png")
+    info = dict(seconds=round(time.time() - t0, 1), **json.loads((run / "summary.json").read_text()))
     log(f"style {style} {family} done: {info}")
     return info
 
@@ -386,7 +337,7 @@ def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
         train_teacher(st.split("-")[1], out, work, dev, a.max_seconds)
     elif st.startswith("style-"):
         for style in a.styles.split(","):
-            train_style(st.split("-")[1], style, out, dev, a.max_seconds)
+            train_style(st.split("-")[1], style, out, work, dev, a.quick)
     elif st.startswith("lcm-"):
         fam = st.split("-")[1]
         run = work / f"lcm-run-{fam}"

@@ -53,3 +53,40 @@ def line_chart(series: dict[str, list[float]], path: str | Path, title: str = ""
     d.text((left, 8), title, fill="black")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def heatmap(values: list[list[float]], path: str | Path, row_values: list[float], col_values: list[float],
+            title: str = "", row_name: str = "", col_name: str = "", mark: tuple[int, int] | None = None,
+            higher_is_better: bool = True, cell: int = 56) -> None:
+    """A matrix as coloured cells (white = worst, blue = best) with each value printed; `mark` (row, column)
+    outlines one cell (e.g. the best pair of a sweep). NaN cells stay grey."""
+    from PIL import Image, ImageDraw
+
+    finite = [v for r in values for v in r if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    left, top = 50, 40
+    w, h = max(left + cell * len(col_values) + 15, 420), top + cell * len(row_values) + 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            x0, y0 = left + j * cell, top + i * cell
+            if math.isfinite(v):
+                q = (v - lo) / (hi - lo) if hi > lo else 1.0
+                q = q if higher_is_better else 1 - q
+                fill = (int(255 - 200 * q), int(255 - 140 * q), 255)
+            else:
+                fill = (200, 200, 200)
+            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=fill, outline="white")
+            d.text((x0 + 6, y0 + cell // 2 - 6), f"{v:.3g}" if math.isfinite(v) else "n/a", fill="black")
+    if mark is not None:
+        x0, y0 = left + mark[1] * cell, top + mark[0] * cell
+        d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline="#d62728", width=3)
+    for j, c in enumerate(col_values):
+        d.text((left + j * cell + cell // 2 - 8, top - 14), f"{c:g}", fill="black")
+    for i, r in enumerate(row_values):
+        d.text((left - 30, top + i * cell + cell // 2 - 6), f"{r:g}", fill="black")
+    d.text((4, h - 30), f"rows: {row_name}; columns: {col_name}", fill="black")
+    d.text((4, 6), title, fill="black")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

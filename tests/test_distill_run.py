@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from lcmtool.cli import app
-from lcmtool.engines.distill import DistillConfig, distill
 from lcmtool.distill import lcd as lcd_mod
+from lcmtool.engines.distill import DistillConfig, distill
 from lcmtool.errors import LcmError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def fixed_draw_loss(teacher: Path, cfg: DistillConfig, cache_root: str, lora: li
 
     from lcmtool.distill import lcd
     from lcmtool.distill.data import LatentCache
-    from lcmtool.engines.distill import lcd_pred_target
+    from lcmtool.distill.student import lcd_pred_target
 
     unet = UNet2DConditionModel.from_pretrained(str(teacher / "unet"))
     unet.requires_grad_(False)

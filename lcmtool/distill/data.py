@@ -295,6 +295,36 @@ def build_cache(pipe, family: str, source: Source, root: Path, resolution: int, 
     return root
 
 
+def cache_root(cache_dir: str = "") -> Path:
+    """The cache's root folder: `cache_dir`, else $LCMTOOL_CACHE/distill or ~/.cache/lcmtool/distill."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("LCMTOOL_CACHE", Path.home() / ".cache" / "lcmtool")) / "distill"
+
+
+def prepare_cache(pipe, family: str, source: Source, root: Path, resolution: int, center_crop: bool, seed: int,
+                  uncond: str, device, log=print) -> Path:
+    """build_cache with the teacher's VAE and text encoders on `device` for the call (they leave it for the
+    training); says how long a fresh cache took."""
+    import time
+
+    from lcmtool.distill.teacher import encoders_on
+
+    t0, fresh = time.time(), not (Path(root) / "meta.json").is_file()
+    with encoders_on(pipe, device):
+        build_cache(pipe, family, source, root, resolution, center_crop, seed, uncond, device)
+    if fresh:
+        n_cached = json.loads((Path(root) / "meta.json").read_text())["count"]
+        log(f"cached {n_cached} latents in {time.time() - t0:.1f}s -> {root}")
+    return Path(root)
+
+
+def fits_in_memory(source: Source, pipe, resolution: int) -> bool:
+    """Whether the cached fp16 latents stay under 1 GiB (then they are served from the training device)."""
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return len(source) * 4 * (resolution // vae_factor) ** 2 * 2 < 2 ** 30
+
+
 class LatentCache:
     """All cached latents in memory; `batch(position, n)` serves the samples at stream positions [p, p + n).
 

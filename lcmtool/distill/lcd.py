@@ -127,3 +127,13 @@ def distance(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "huber",
 def sample_guidance(generator: torch.Generator, n: int, w_min: float, w_max: float) -> torch.Tensor:
     """w ~ U[w_min, w_max] (Algorithm 1 line 4)."""
     return torch.rand(n, generator=generator) * (w_max - w_min) + w_min
+
+
+def draw(generator: torch.Generator, grid: SkippingGrid, shape: tuple, w_min: float, w_max: float):
+    """Algorithm 1 lines 3-4 for a batch of latents of `shape`, in this order from `generator`: n ~ U{0..N-1} on
+    the skipping grid, w ~ U[w_min, w_max], the noise; -> (index, t_{n+k}, t_n, w, noise)."""
+    n = shape[0]
+    index = torch.randint(0, len(grid), (n,), generator=generator)
+    t_start, t_prev = grid.start_and_target_timesteps(index)
+    w = sample_guidance(generator, n, w_min, w_max)
+    return index, t_start, t_prev, w, torch.randn(shape, generator=generator)

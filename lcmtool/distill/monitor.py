@@ -1,0 +1,102 @@
+"""What a distill run shows while it runs: the progress bar, the loss meter, TensorBoard, loss.png."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from lcmtool.errors import LcmError
+
+
+def tensorboard_tracker(report_to: str) -> str | None:
+    """accelerate's log_with for `report_to`: "tensorboard" when wanted and installed, else None."""
+    from accelerate.utils import is_tensorboard_available
+
+    if report_to == "none" or (report_to == "auto" and not is_tensorboard_available()):
+        return None
+    if not is_tensorboard_available():
+        raise LcmError("report_to: tensorboard needs the tensorboard package (pip install tensorboard), "
+                       "or set report_to: auto|none")
+    return "tensorboard"
+
+
+class MetricsLog:
+    """metrics.jsonl (written by the main process; appended to on resume) and accelerate's TensorBoard tracker."""
+
+    def __init__(self, path: Path, accelerator, tracker: str | None, append: bool):
+        self.file = open(path, "a" if append else "w") if accelerator.is_main_process else None
+        self.accelerator, self.tracker = accelerator, tracker
+
+    def write(self, record: dict, scalars: dict | None = None) -> None:
+        """One JSON line `record` (with its "step"); `scalars` go to TensorBoard at that step."""
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.tracker and scalars:
+            self.accelerator.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class Meter:
+    """Loss and throughput over one log interval (t0: the start of the run)."""
+
+    def __init__(self):
+        self.t0 = self.t = time.time()
+        self.total, self.n = 0.0, 0
+
+    def add(self, lvals: list[float]) -> None:
+        self.total += sum(lvals)
+        self.n += len(lvals)
+
+    def take(self) -> tuple[float, int, float]:
+        """-> (mean loss, micro-steps, seconds) since the last take, and start a new interval."""
+        now = time.time()
+        out = (self.total / max(1, self.n), self.n, max(now - self.t, 1e-9))
+        self.t, self.total, self.n = now, 0.0, 0
+        return out
+
+
+def make_progress(total: int, completed: int, main: bool):
+    """rich's bar on stderr (main process, a terminal or LCMTOOL_PROGRESS=1); -> (progress, task)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    quiet = not sys.stderr.isatty() and os.environ.get("LCMTOOL_PROGRESS") != "1"
+    progress = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} samples/s"),
+                        TimeRemainingColumn(), console=Console(stderr=True, highlight=False),
+                        disable=not main or quiet)
+    return progress, progress.add_task("distill", total=total, completed=completed, loss="-", sps="-")
+
+
+def loss_curve_png(points: list[tuple[int, float]], path: Path, title: str = "LCD loss",
+                   evals: list[tuple[int, float]] | None = None, eval_name: str = "held-out score") -> None:
+    """The logged loss against the step (log-scale y): raw and a running mean, drawn by lcmtool.outputs.plot;
+    with `evals` (step, score) a second chart, of the held-out score, below it in the same PNG."""
+    import tempfile
+
+    from PIL import Image
+
+    from lcmtool.fileio import atomic_path
+    from lcmtool.outputs.plot import line_chart, smooth
+
+    steps, ys = [s for s, _ in points], [v for _, v in points]
+    loss = {"loss": ys, "running mean": smooth(ys, max(3, len(ys) // 15))}
+    if not evals:
+        line_chart(loss, path, title=title, x=steps)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        line_chart(loss, Path(d, "loss.png"), title=title, x=steps)
+        line_chart({eval_name: [v for _, v in evals]}, Path(d, "eval.png"), title=eval_name, log_y=False,
+                   x=[s for s, _ in evals])
+        with Image.open(Path(d, "loss.png")) as top, Image.open(Path(d, "eval.png")) as bottom:
+            both = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
+            both.paste(top, (0, 0))
+            both.paste(bottom, (0, top.height))
+    with atomic_path(path) as out:
+        both.save(out, format="PNG")

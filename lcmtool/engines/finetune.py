@@ -9,7 +9,6 @@ folder, with --full), validation.png (DPM-Solver++ at CFG 7.5), loss.png, metric
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 from lcmtool.distill import checkpoint as ckpt
 from lcmtool.distill.checkpoint import StopRequest, TrainState
 from lcmtool.distill.monitor import Meter, loss_curve_png, make_progress
+from lcmtool.engines.training import log_step
 from lcmtool.errors import LcmError
 from lcmtool.options import FinetuneConfig
 
@@ -102,42 +102,16 @@ def add_trainable(run: Tune) -> None:
 def setup(cfg: FinetuneConfig, out: Path, log) -> Tune:
     """Machine -> data listing -> model -> run folder -> noise schedule -> latent cache -> trainable weights."""
     import torch
-    from accelerate.utils import set_seed
 
-    from lcmtool.config import to_dict, write_resolved
-    from lcmtool.distill import data as D
-    from lcmtool.distill.teacher import load_teacher, noise_schedule
-    from lcmtool.engines.distill import make_accelerator
+    from lcmtool.distill.teacher import noise_schedule
+    from lcmtool.engines.training import latent_data, open_run
 
-    accelerator, tracker, mp = make_accelerator(cfg, out)
-    set_seed(cfg.seed)
-    source = D.open_source(cfg.data, cfg.num_samples, cfg.seed)
-    pipe, family, model_id = load_teacher(cfg.model)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, out / "config.yaml")
-        ckpt.clean_stale(out / "checkpoints")
-    if tracker:
-        accelerator.init_trackers("tensorboard", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                         for k, v in to_dict(cfg).items()})
-    prediction_type, alphas_cumprod, _ = noise_schedule(pipe, 50)
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    resolution = cfg.resolution or pipe.unet.config.sample_size * vae_factor
-    is_xl = family in ("sdxl", "ssd1b")
-    uncond = cfg.uncond if cfg.uncond != "auto" else ("zeros" if is_xl else "empty")
-    root = D.cache_root(cfg.cache_dir) / D.cache_key(model_id, source, resolution, cfg.center_crop, cfg.seed, uncond)
-    if accelerator.is_main_process:
-        D.prepare_cache(pipe, family, source, root, resolution, cfg.center_crop, cfg.seed, uncond,
-                        accelerator.device, log)
-    accelerator.wait_for_everyone()
-    dataset = D.LatentCache(root, cfg.seed, device=accelerator.device if D.fits_in_memory(source, pipe, resolution)
-                            else "cpu")
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
-    run = Tune(cfg, out, log, accelerator, tracker, pipe, family, dataset, root, alphas_cumprod, prediction_type,
-               weight_dtype)
-    text = dataset.text
-    run.uncond = (text["uncond_embeds"].to(accelerator.device, weight_dtype),
-                  text["uncond_pooled"].to(accelerator.device, weight_dtype) if is_xl else None)
+    opened = open_run(cfg, out)
+    prediction_type, alphas_cumprod, _ = noise_schedule(opened.pipe, 50)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opened.mixed_precision, torch.float32)
+    dataset, root, uncond = latent_data(cfg, opened, weight_dtype, log)
+    run = Tune(cfg, out, log, opened.accelerator, opened.tracker, opened.pipe, opened.family, dataset, root,
+               alphas_cumprod, prediction_type, weight_dtype, uncond)
     add_trainable(run)
     return run
 
@@ -221,25 +195,6 @@ def train_step(run: Tune, state: TrainState, stop: StopRequest) -> list[float]:
     return lvals
 
 
-def log_step(run: Tune, state: TrainState, meter: Meter, progress, task) -> None:
-    cfg, step = run.cfg, state.step
-    if step % cfg.log_every and step != cfg.max_steps:
-        return
-    mean, n, seconds = meter.take()
-    sps = run.samples_per_step * (n / cfg.grad_accum) / seconds
-    lr = run.lr_sched.get_last_lr()[0]
-    state.losses.append((step, mean))
-    if run.main:
-        run.metrics.write(json.dumps({"step": step, "loss": mean, "lr": lr, "samples_per_s": sps,
-                                      "elapsed_s": time.time() - meter.t0}) + "\n")
-        run.metrics.flush()
-    if run.tracker:
-        run.accelerator.log({"loss": mean, "lr": lr, "samples_per_s": sps}, step=step)
-    progress.update(task, completed=step, loss=f"{mean:.4g}", sps=f"{sps:.0f}")
-    if run.main and progress.disable and (step % (cfg.log_every * 5) == 0 or step == cfg.max_steps):
-        run.log(f"finetune step {step}/{cfg.max_steps} loss {mean:.4g} {sps:.0f} samples/s")
-
-
 def save_checkpoint(run: Tune, state: TrainState, reason: str) -> Path | None:
     from lcmtool.config import to_dict
 
@@ -315,7 +270,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
         with progress:
             while state.step < cfg.max_steps:
                 meter.add(train_step(run, state, stop))
-                log_step(run, state, meter, progress, task)
+                log_step(run, state, meter, progress, task, "finetune")
                 after_step(run, state, stop)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) and state.step > state.start_step and not stop.written:

@@ -1,0 +1,100 @@
+"""What the training engines share (finetune today; distill's setup() has the same steps): the run's machine, data
+listing, model and run folder (`open_run`), the latent cache (`latent_data`) and the per-interval log (`log_step`).
+
+`cfg` is any config with distill's machine, data and output keys (DistillConfig, FinetuneConfig).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lcmtool.errors import LcmError
+
+
+@dataclass
+class Opened:
+    accelerator: Any
+    tracker: str | None
+    mixed_precision: str
+    source: Any
+    pipe: Any
+    family: str
+    model_id: str
+
+
+def open_run(cfg, out: Path, family: str = "auto") -> Opened:
+    """Machine -> data listing -> model (a mismatch with the expected `family` is an error) -> run folder (with
+    config.yaml, only once the inputs are checked) -> TensorBoard with the config's scalars."""
+    from accelerate.utils import set_seed
+
+    from lcmtool.config import to_dict, write_resolved
+    from lcmtool.distill import checkpoint as ckpt
+    from lcmtool.distill import data as D
+    from lcmtool.distill.teacher import load_teacher
+    from lcmtool.engines.distill import make_accelerator
+
+    accelerator, tracker, mp = make_accelerator(cfg, out)
+    set_seed(cfg.seed)
+    source = D.open_source(cfg.data, cfg.num_samples, cfg.seed)  # an empty data set is an error before any load
+    pipe, fam, model_id = load_teacher(cfg.model)
+    if family != "auto" and not (family == fam or {family, fam} == {"sdxl", "ssd1b"}):
+        raise LcmError(f"this config is for the {family} family but {cfg.model} is {fam}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, out / "config.yaml")
+        ckpt.clean_stale(out / "checkpoints")
+    if tracker:
+        accelerator.init_trackers("tensorboard", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                         for k, v in to_dict(cfg).items()})
+    return Opened(accelerator, tracker, mp, source, pipe, fam, model_id)
+
+
+def latent_data(cfg, run: Opened, weight_dtype, log) -> tuple[Any, Path, tuple]:
+    """The latent cache of (model, data, resolution, crop, seed, unconditional embedding), built by the main
+    process -> (LatentCache, its folder, (uncond embeddings, SDXL pooled ones or None) in `weight_dtype`)."""
+    from lcmtool.distill import data as D
+
+    acc, pipe = run.accelerator, run.pipe
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or pipe.unet.config.sample_size * vae_factor
+    is_xl = run.family in ("sdxl", "ssd1b")
+    uncond = cfg.uncond if cfg.uncond != "auto" else ("zeros" if is_xl else "empty")
+    root = D.cache_root(cfg.cache_dir) / D.cache_key(run.model_id, run.source, resolution, cfg.center_crop, cfg.seed,
+                                                     uncond)
+    if acc.is_main_process:  # the main process builds the cache, the others wait and read it
+        D.prepare_cache(pipe, run.family, run.source, root, resolution, cfg.center_crop, cfg.seed, uncond,
+                        acc.device, log)
+    acc.wait_for_everyone()
+    in_memory = D.fits_in_memory(run.source, pipe, resolution)
+    dataset = D.LatentCache(root, cfg.seed, device=acc.device if in_memory else "cpu")
+    if dataset.meta["skipped"] and acc.is_main_process:
+        log(f"[yellow]skipped {dataset.meta['skipped']} unreadable image(s)[/]")
+    text = dataset.text  # the same every step: in the compute dtype once
+    embeds = (text["uncond_embeds"].to(acc.device, weight_dtype),
+              text["uncond_pooled"].to(acc.device, weight_dtype) if is_xl else None)
+    return dataset, root, embeds
+
+
+def log_step(run, state, meter, progress, task, label: str) -> None:
+    """Every log_every steps: metrics.jsonl, TensorBoard, the progress bar (or a line when there is none). `run`
+    has cfg, accelerator, tracker, lr_sched, metrics, log, main and samples_per_step."""
+    cfg, step = run.cfg, state.step
+    if step % cfg.log_every and step != cfg.max_steps:
+        return
+    mean, n, seconds = meter.take()
+    sps = run.samples_per_step * (n / cfg.grad_accum) / seconds
+    elapsed = time.time() - meter.t0
+    lr = run.lr_sched.get_last_lr()[0]
+    state.losses.append((step, mean))
+    if run.main:
+        run.metrics.write(json.dumps({"step": step, "loss": mean, "lr": lr, "samples_per_s": sps,
+                                      "samples_seen": step * run.samples_per_step, "elapsed_s": elapsed}) + "\n")
+        run.metrics.flush()
+    if run.tracker:
+        run.accelerator.log({"loss": mean, "lr": lr, "samples_per_s": sps}, step=step)
+    progress.update(task, completed=step, loss=f"{mean:.4g}", sps=f"{sps:.0f}")
+    if run.main and progress.disable and (step % (cfg.log_every * 5) == 0 or step == cfg.max_steps):
+        run.log(f"{label} step {step}/{cfg.max_steps} loss {mean:.4g} {sps:.0f} samples/s elapsed {elapsed:.0f}s")

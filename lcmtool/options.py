@@ -76,13 +76,16 @@ class MergeConfig:
                                                              "--model).")
     rank: Optional[int] = opt(None, "Output rank for --method svd.", min=1, max=65536)
     model: Optional[str] = opt("demo:sd", "Base model (picks the default --lcm; fuse target).")
-    format: Literal["auto", "kohya", "kohya-sgm", "diffusers", "peft", "single-file"] = opt(
-        "auto", "kohya | kohya-sgm | diffusers | peft; with fuse: diffusers (folder) | single-file.")
+    format: Literal["auto", "kohya", "kohya-sgm", "kohya-diffusers", "diffusers", "peft", "single-file"] = opt(
+        "auto", "kohya (SGM block names for SDXL, as kohya/A1111/ComfyUI read) | kohya-diffusers | diffusers | peft; "
+                "with fuse: diffusers (folder) | single-file.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "auto (the inputs' dtype; fuse: the base model's) "
                                                                  "| fp32 | fp16 | bf16.")
     lambda1_blocks: dict = opt({}, "Per-block lambda1: down=1,mid=1,up=0.8 (or module-path prefixes).")
     lambda2_blocks: dict = opt({}, "Per-block lambda2: down=1,mid=1,up=0.8 (or module-path prefixes).")
     out: Optional[str] = opt(None, "Output .safetensors (fuse: folder or .safetensors).")
+    drop_unknown: bool = opt(False, "Drop (and count) LoRA modules that the model family does not have, instead of "
+                                    "refusing the merge.")
 
 
 @dataclass
@@ -94,8 +97,9 @@ class InspectConfig:
 @dataclass
 class ConvertConfig:
     file: str = opt("", "LoRA .safetensors to rewrite.", argument=True)
-    format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = opt("kohya", "kohya | kohya-sgm | diffusers | "
-                                                                              "peft.")
+    format: Literal["kohya", "kohya-sgm", "kohya-diffusers", "diffusers", "peft"] = opt(
+        "kohya", "kohya (SGM block names for SDXL; what kohya, A1111 and ComfyUI read: use it for ComfyUI) | "
+                 "kohya-diffusers | diffusers (diffusers' load_lora_weights) | peft.")
     out: str = opt("", "Output .safetensors.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "auto | fp32 | fp16 | bf16.")
 
@@ -155,8 +159,8 @@ class DistillConfig:
     log_every: int = opt(10, min=1)
     # metrics.jsonl always; TensorBoard (accelerate's tracker, <out>/tensorboard) when installed (auto) or required
     report_to: Literal["auto", "tensorboard", "none"] = opt("auto")
-    format: Literal["kohya", "kohya-sgm", "diffusers", "peft"] = opt("kohya", "LoRA file format: kohya, "
-                                                                              "kohya-sgm, diffusers or peft.")
+    format: Literal["kohya", "kohya-sgm", "kohya-diffusers", "diffusers", "peft"] = opt(
+        "kohya", "LoRA file format: kohya, kohya-sgm, kohya-diffusers, diffusers or peft.")
     save_dtype: Literal["fp16", "bf16", "fp32"] = opt("fp16")
 
 

@@ -51,7 +51,9 @@ def test_merge_cli_exact_with_report(pair):
         md = f.metadata()
     rec = json.loads(md["lcmtool"])
     assert rec["lambda1"] == 0.8 and rec["lambda2"] == 1.0 and len(rec["inputs"][0]["sha256"]) == 64
-    assert md["modelspec.architecture"] == "stable-diffusion-v1/lora" and md["ss_network_dim"] == "12"
+    # ranks 12 (merged) and 4 (only in style): kohya's "Dynamic", the max in lcmtool's own record (issue 16.7)
+    assert md["modelspec.architecture"] == "stable-diffusion-v1/lora" and md["ss_network_dim"] == "Dynamic"
+    assert json.loads(md["lcmtool.ranks"])["max"] == 12
     assert "lora_adapter_metadata" not in md
 
 

@@ -145,7 +145,7 @@ def test_sdxl_diffusers_names_plus_sgm_names_one_entry_per_weight(tmp_path):
     sub = dict(list(shapes.items())[::5])
     lcm = synth.synth_lora(sub, rank=2, seed=1, family="sdxl")
     style = synth.synth_lora(sub, rank=3, alpha=1.5, seed=2, family="sdxl")
-    save_lora(lcm, tmp_path / "lcm.safetensors", format="kohya")
+    save_lora(lcm, tmp_path / "lcm.safetensors", format="kohya-diffusers")
     save_lora(style, tmp_path / "style.safetensors", format="kohya-sgm")
     a, b = load_lora(tmp_path / "lcm.safetensors"), load_lora(tmp_path / "style.safetensors")
     assert (a.format, b.format) == ("kohya", "kohya-sgm") and a.family == b.family == "sdxl"

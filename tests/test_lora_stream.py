@@ -13,10 +13,15 @@ from lcmtool.lora import synth
 from lcmtool.lora.io import SafetensorsReader, load_lora, save_lora
 from lcmtool.lora.parallel import merge_modules
 
-SHAPES = {f"down_blocks.0.attentions.{i}.transformer_blocks.0.attn2.to_k": (96, 768) for i in range(3)}
-SHAPES.update({f"down_blocks.0.resnets.{i}.conv1": (64, 32, 3, 3) for i in range(3)})
-SHAPES.update({"down_blocks.0.attentions.0.proj_in": (96, 96, 1, 1), "mid_block.attentions.0.proj_out": (80, 80),
-               "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj": (320, 80)})
+# real SD-1.5 modules and shapes (merge refuses modules the family does not have): linear, 3x3 conv, 1x1 conv and
+# a linear LoRA on a 1x1-conv weight
+SHAPES = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768),
+          "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k": (320, 768),
+          "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 768),
+          "down_blocks.0.resnets.0.conv1": (320, 320, 3, 3), "down_blocks.0.resnets.1.conv1": (320, 320, 3, 3),
+          "down_blocks.1.resnets.0.conv1": (640, 320, 3, 3), "down_blocks.0.attentions.0.proj_in": (320, 320, 1, 1),
+          "mid_block.attentions.0.proj_out": (1280, 1280),
+          "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj": (10240, 1280)}
 
 
 def reference(paths_weights, method, rank, dtype):

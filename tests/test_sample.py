@@ -230,7 +230,7 @@ def test_json_metadata_and_seeds(demo_folders, loras, tmp_path):
     recs = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert [r["seed"] for r in recs] == [7, 8, 9] and all(r["ms_per_image"] > 0 for r in recs)
     meta = read_png_meta(recs[1]["path"])
-    assert meta["parameters"].startswith(PROMPT + "\n")
+    assert meta["parameters"].startswith(PROMPT + " <lora:sd-kohya:0.5>\n")  # A1111 re-applies the LoRA (issue 17)
     assert "Steps: 2, Sampler: LCM, CFG scale: 1.0, Seed: 8, Size: 64x64" in meta["parameters"]
     m = meta["lcmtool"]
     assert (m["prompt"], m["seed"], m["steps"], m["scheduler"], m["guidance"]) == (PROMPT, 8, 2, "lcm", 1.0)

@@ -1,8 +1,8 @@
 """`lcmtool eval`: read a folder of generated PNGs and their prompts, score them with the demo classifier.
 
 Prompts come from, in order: a given .jsonl file or DIR/samples.jsonl (lines with "path" and "prompt", as
-`lcmtool sample --json` prints them; other lines are skipped), else each PNG's text chunk "parameters"
-(first line is the prompt) or JSON chunk "lcmtool" (its "prompt").
+`lcmtool sample --json` prints them; other lines are skipped), else each PNG's JSON chunk "lcmtool" (its
+"prompt") or text chunk "parameters" (first line, which A1111-style also carries <lora:...> tags).
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def read_jsonl(path: Path) -> list[tuple[Path, str]]:
 
 
 def png_prompt(path: Path) -> str | None:
-    """The prompt stored in a PNG: text chunk "parameters" (first line) or JSON chunk "lcmtool"; None for
-    lcmtool PNGs that are not samples (a comparison grid carries an "lcmtool" record without a prompt)."""
+    """The prompt stored in a PNG: JSON chunk "lcmtool" (its "prompt"), else text chunk "parameters" (first line);
+    None for lcmtool PNGs that are not samples (a comparison grid carries an "lcmtool" record without a prompt)."""
     from PIL import Image
 
     try:
@@ -64,9 +64,7 @@ def png_prompt(path: Path) -> str | None:
             info = dict(im.info)
     except Exception as e:  # noqa: BLE001 - an unreadable image is a user error
         raise LcmError(f"cannot read image {path}: {e}") from None
-    if isinstance(info.get("parameters"), str) and info["parameters"].strip():
-        return info["parameters"].strip().splitlines()[0]
-    if isinstance(info.get("lcmtool"), str):
+    if isinstance(info.get("lcmtool"), str):  # the exact prompt (the A1111 text appends <lora:name:weight> tags)
         try:
             meta = json.loads(info["lcmtool"])
         except json.JSONDecodeError:
@@ -75,6 +73,8 @@ def png_prompt(path: Path) -> str | None:
             return meta["prompt"]
         if isinstance(meta, dict) and "prompt" not in meta:
             return None
+    if isinstance(info.get("parameters"), str) and info["parameters"].strip():
+        return info["parameters"].strip().splitlines()[0]
     raise LcmError(f"no prompt for {path}: no {JSONL_NAME} beside it and no 'parameters' or 'lcmtool' PNG chunk")
 
 

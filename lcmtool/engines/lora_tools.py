@@ -7,11 +7,15 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from lcmtool import __version__
-from lcmtool.config import write_resolved
+from lcmtool.config import published_with
 from lcmtool.errors import LcmError
 from lcmtool.fileio import sha256_file
-from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, load_lora, save_lora
+from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, layout, load_lora, save_lora
+from lcmtool.lora.metadata import portable
+from lcmtool.lora.stfile import HASH_KEYS
 from lcmtool.models.load import torch_dtype
 from lcmtool.options import ConvertConfig, InspectConfig
 
@@ -31,32 +35,58 @@ def _frob(m: LoraModule) -> float:
     return abs(m.scale) * math.sqrt(max(0.0, float(((b.T @ b) * (a @ a.T)).sum())))
 
 
+def _nonfinite(m: LoraModule) -> int:
+    return int((~torch.isfinite(m.A)).sum()) + int((~torch.isfinite(m.B)).sum())
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float as None, so that the report is valid JSON (no bare NaN / Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def run_inspect(cfg: InspectConfig) -> dict:
-    lf = load_lora(cfg.file, family=cfg.family)
+    """Describe a LoRA; a damaged one is described too: modules holding inf/NaN are counted and named, and
+    their blocks' norms are null."""
+    lf = load_lora(cfg.file, family=cfg.family, check=False)
     norms: dict[str, float] = {}
+    bad: dict[str, int] = {}
     for p, m in lf.modules.items():
         key = re.match(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block|text_encoder_2|text_encoder)", p)
         k = key.group(1) if key else "other"
-        norms[k] = norms.get(k, 0.0) + _frob(m) ** 2
+        n = _nonfinite(m)
+        if n:
+            bad[p] = n
+            norms[k] = math.nan
+        elif not math.isnan(norms.get(k, 0.0)):
+            norms[k] = norms.get(k, 0.0) + _frob(m) ** 2
     rep = summarize(lf)
     rep["block_norms"] = {k: math.sqrt(v) for k, v in sorted(norms.items())}
+    rep["non_finite"] = {"modules": len(bad), "values": sum(bad.values()), "first_module": next(iter(bad), None)}
     rep["metadata"] = {k: (v if len(v) <= 300 else v[:300] + "...") for k, v in sorted(lf.metadata.items())}
-    return rep
+    return json_safe(rep)
 
 
 def run_convert(cfg: ConvertConfig) -> dict:
     if not cfg.file or not cfg.out:
         raise LcmError("convert needs FILE and --out")
-    if Path(cfg.file).resolve() == Path(cfg.out).resolve():
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise LcmError(f"--out {out} is a folder; convert writes one .safetensors file")
+    if Path(cfg.file).resolve() == out.resolve():
         raise LcmError("--out must differ from the input file")
     lf = load_lora(cfg.file)
     dtype = lf.dtype if cfg.dtype == "auto" else torch_dtype(cfg.dtype)
-    md = {k: v for k, v in lf.metadata.items() if k != "lora_adapter_metadata"}
+    md = {k: v for k, v in lf.metadata.items() if k != "lora_adapter_metadata" and k not in HASH_KEYS}
     md["lcmtool"] = json.dumps({"version": __version__, "command": "convert", "from_format": lf.format,
-                                "input": {"path": str(cfg.file), "sha256": sha256_file(cfg.file)}})
-    md.setdefault("modelspec.sai_model_spec", "1.0.0")
-    md.update({k: v for k, v in base_metadata(lf.family, Path(cfg.out).stem).items() if k not in md})
-    save_lora(lf.modules, cfg.out, format=cfg.format, family=lf.family, metadata=md, dtype=dtype)
-    write_resolved(cfg, Path(cfg.out).with_suffix(".yaml"))
-    return {"out": cfg.out, "from_format": lf.format, "format": cfg.format, "family": lf.family,
-            "modules": len(lf.modules), "dtype": str(dtype).replace("torch.", "")}
+                                "input": {"path": portable(cfg.file), "sha256": sha256_file(cfg.file)}})
+    md.update({k: v for k, v in base_metadata(lf.family, out.stem).items() if k not in md})
+    with published_with(cfg, out):  # the LoRA and its resolved config: both or neither
+        save_lora(lf.modules, out, format=cfg.format, family=lf.family, metadata=md, dtype=dtype)
+    return {"out": cfg.out, "from_format": lf.format, "format": layout(lf.modules, cfg.format, lf.family),
+            "family": lf.family, "modules": len(lf.modules), "dtype": str(dtype).replace("torch.", "")}

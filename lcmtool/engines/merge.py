@@ -2,6 +2,7 @@
 engines/lora_tools.py and are re-exported here. Config dataclass in, report dict out."""
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import torch
 
 from lcmtool import __version__
-from lcmtool.config import write_resolved
+from lcmtool.config import published_with
 from lcmtool.engines.lora_tools import run_convert, run_inspect, summarize  # noqa: F401 - re-exported
 from lcmtool.errors import LcmError
 from lcmtool.fileio import sha256_file
 from lcmtool.lora import formats
 from lcmtool.lora import math as M
-from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, load_lora, save_lora
+from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, layout, load_lora, save_lora
+from lcmtool.lora.metadata import portable
 from lcmtool.lora.parallel import merge_modules
 from lcmtool.models.load import torch_dtype
 from lcmtool.options import ConvertConfig, InspectConfig, MergeConfig  # noqa: F401 - declared in lcmtool/options.py
@@ -114,9 +116,10 @@ def run_merge(cfg: MergeConfig) -> dict:
     # 1. validate the request before reading anything big
     fmt, specs, lams = _check_request(cfg)
     out = Path(cfg.out)
-    # 2. read every input into the canonical form; families must agree
+    # 2. read every input into the canonical form; families must agree; every module must be one of the model's
     inputs = [load_lora(p, lazy=True) for _, p, _, _ in specs]
     family = _family(inputs)
+    dropped = _check_modules(cfg, inputs, family)
     summaries = [summarize(lf) for lf in inputs]
     seen = Counter(p for lf in inputs for p in lf.modules)
     only = {lf.path: sum(1 for p in lf.modules if seen[p] == 1) for lf in inputs}
@@ -138,22 +141,85 @@ def run_merge(cfg: MergeConfig) -> dict:
         except ValueError as e:  # the math's word for inputs that do not agree
             raise LcmError(str(e)) from None
         sha = hashes.result()
-    # 5. write with metadata saying how it was made
+    # 5. write with metadata saying how it was made (input files by name and hash, never their folders)
     record = dict(lams, version=__version__, command="merge", method=cfg.method, rank=cfg.rank,
-                  inputs=[{"role": role, "path": str(p), "sha256": h, "weight": w}
+                  inputs=[{"role": role, "path": portable(p), "sha256": h, "weight": w}
                           for (role, p, w, _), h in zip(specs, sha, strict=True)])
     inputs_rep = [dict(sm, role=role, weight=w) for (role, _, w, _), sm in zip(specs, summaries, strict=True)]
-    common = dict(inputs=inputs_rep, only_in_one_input=only, dropped_zero_weight=n_terms - len(merged))
+    common = dict(inputs=inputs_rep, only_in_one_input=only, dropped_zero_weight=n_terms - len(merged),
+                  dropped_unknown=dropped)
     if cfg.method == "fuse":
-        record["model"] = cfg.model
-        rep = _fuse(cfg, fmt, merged, family, record)
-        write_resolved(cfg, Path(cfg.out).with_suffix(".yaml"))
+        record["model"] = _model_name(cfg.model)
+        with published_with(cfg, cfg.out):  # the model and its resolved config: both or neither
+            rep = _fuse(cfg, fmt, merged, family, record)
         return dict(rep, **common)
     md = base_metadata(family, title=out.stem, extra={"modelspec.merged_from": ", ".join(
-        Path(p).name for _, p, _, _ in specs), "lcmtool": record})
-    save_lora(merged, out, format=fmt, family=family, metadata=md, dtype=dtype)
-    write_resolved(cfg, out.with_suffix(".yaml"))
-    return _merge_report(cfg, out, fmt, family, dtype, merged, errs, common)
+        portable(p) for _, p, _, _ in specs), "lcmtool": record, **_resolution(inputs)})
+    with published_with(cfg, out):  # the LoRA and its resolved config: both or neither
+        save_lora(merged, out, format=fmt, family=family, metadata=md, dtype=dtype)
+    return _merge_report(cfg, out, layout(merged, fmt, family), family, dtype, merged, errs, common)
+
+
+def _reference(cfg: MergeConfig, family: str | None) -> tuple[dict, bool, str]:
+    """The module set the inputs must fit -> (path -> weight shape, check shapes too, what it is): for fuse the
+    --model folder's; else the family's when the LoRAs tell it; else (tiny or unusual UNets) the names of any
+    SD-family preset or of --model."""
+    from lcmtool.lora import fit
+    from lcmtool.lora.io import FAMILIES
+    from lcmtool.models.load import resolve_model
+
+    ref = resolve_model(cfg.model) if cfg.model else None
+    folder = ref.location if ref is not None and ref.kind == "folder" else None
+    if folder and not (Path(folder) / "unet" / "config.json").is_file():
+        folder = None
+    if cfg.method == "fuse" and folder:
+        return fit.folder_shapes(folder), True, f"--model {cfg.model}"
+    if family:
+        return fit.family_shapes(family), True, f"the {family} model family"
+    names: dict = dict(fit.folder_shapes(folder)) if folder else {}
+    for fam in FAMILIES:
+        names.update(fit.family_shapes(fam))
+    return names, False, f"--model {cfg.model} or any SD-1.5 / SDXL model"
+
+
+def _check_modules(cfg: MergeConfig, inputs: list[LoraFile], family: str | None) -> dict[str, int]:
+    """Refuse modules that two inputs give different shapes, modules the model does not have (or, with
+    --drop-unknown, drop them: -> count per input) and modules whose weight shape is not the model's."""
+    from lcmtool.lora import fit
+
+    first: dict[str, tuple[LoraFile, tuple]] = {}
+    for lf in inputs:  # two inputs that disagree on a module's shape, named by file
+        for p, m in lf.modules.items():
+            o, shape = first.setdefault(p, (lf, tuple(m.out_shape)))
+            if M.comparable(shape) != M.comparable(tuple(m.out_shape)):
+                raise LcmError(f"shape conflict in module '{p}': {list(shape)} in {o.path} vs "
+                               f"{list(m.out_shape)} in {lf.path}")
+    shapes, check_shapes, what = _reference(cfg, family)
+    dropped: dict[str, int] = {}
+    for lf in inputs:
+        unknown, wrong = fit.misfits(lf.modules, shapes)
+        if wrong and check_shapes:
+            p = wrong[0]
+            raise LcmError(f"{lf.path}: module '{p}' changes a {list(lf.modules[p].out_shape)} weight but in {what} "
+                           f"it is {list(shapes[p])} (a LoRA for another model?)")
+        if unknown and not cfg.drop_unknown:
+            raise LcmError(f"{lf.path}: module '{unknown[0]}' does not exist in {what} ({len(unknown)} such "
+                           "modules; --drop-unknown drops them)")
+        for p in unknown:
+            del lf.modules[p]
+        dropped[portable(lf.path)] = len(unknown)
+    return dropped
+
+
+def _resolution(inputs: list[LoraFile]) -> dict:
+    """The inputs' modelspec.resolution where they agree on one (else save_lora's family default)."""
+    res = {lf.metadata.get("modelspec.resolution") for lf in inputs}
+    return {"modelspec.resolution": res.pop()} if len(res) == 1 and None not in res else {}
+
+
+def _model_name(model: str | None) -> str | None:
+    """A model spec for the record: registered names and hub ids as given, local paths by file name."""
+    return portable(model) if model and Path(model).expanduser().exists() else model
 
 
 def _check_request(cfg: MergeConfig) -> tuple[str, list[tuple[str, str, float, dict]], dict]:
@@ -245,7 +311,7 @@ def _stored_dtype(model: str) -> torch.dtype:
 def _fuse(cfg: MergeConfig, fmt: str, merged: dict[str, LoraModule], family: str | None, record: dict) -> dict:
     """theta = theta_pre + tau'_LCM: load the base in fp32, add every merged delta, write a diffusers folder or
     a single-file checkpoint (atomically) in the base's stored dtype unless --dtype says otherwise."""
-    from lcmtool.lora.fuse import fuse_into_pipeline
+    from lcmtool.lora.fuse import fuse_into_pipeline, nonfinite_module
     from lcmtool.models.load import load_pipeline
 
     dtype = _stored_dtype(cfg.model) if cfg.dtype == "auto" else torch_dtype(cfg.dtype)
@@ -255,33 +321,38 @@ def _fuse(cfg: MergeConfig, fmt: str, merged: dict[str, LoraModule], family: str
     with torch.no_grad():
         n = fuse_into_pipeline(pipe, [(LoraFile(modules=merged, family=family), 1.0)])
     pipe.to(dtype)
+    bad = nonfinite_module(pipe, merged)
+    if bad:
+        raise LcmError(f"the fused weight of module '{bad}' overflows {str(dtype).replace('torch.', '')} (inf/NaN); "
+                       "choose --dtype fp32 or bf16")
     out = Path(cfg.out)
     if fmt == "diffusers":
         _save_folder_atomic(pipe, out, record)
     else:
         _save_single_file(pipe, out, family or model_family, record)
-    return {"out": str(out), "format": fmt, "method": "fuse", "model": cfg.model, "family": model_family,
+    return {"out": str(out), "format": fmt, "method": "fuse", "model": _model_name(cfg.model), "family": model_family,
             "dtype": str(dtype).replace("torch.", ""), "modules": n}
 
 
 def _save_folder_atomic(pipe, out: Path, record: dict) -> None:
-    """save_pretrained into a temp folder beside `out`, then rename it into place (an old pipeline folder at
-    `out` is swapped out and removed only after the new one is in place)."""
-    import shutil
-    import tempfile
-
-    from lcmtool.fileio import atomic_write_json, publish_dir
+    """save_pretrained into a temp folder of ours beside `out`, then rename it into place (an old pipeline folder
+    at `out` is swapped out and removed only after the new one is in place: fileio.atomic_dir)."""
+    from lcmtool.fileio import atomic_dir, atomic_write_json
 
     _check_folder_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        _scrub_configs(tmp)
         atomic_write_json(tmp / "lcmtool_merge.json", record)
-        publish_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _scrub_configs(folder: Path) -> None:
+    """diffusers writes the folder a model was loaded from as `_name_or_path`: no local folder leaves with it."""
+    for f in folder.glob("*/config.json"):
+        cfg = json.loads(f.read_text())
+        if "_name_or_path" in cfg and Path(str(cfg["_name_or_path"])).expanduser().is_absolute():
+            del cfg["_name_or_path"]
+            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _check_folder_out(out: Path) -> None:
@@ -290,15 +361,15 @@ def _check_folder_out(out: Path) -> None:
 
 
 def _save_single_file(pipe, out: Path, family: str, record: dict) -> None:
-    """One LDM / SGM-named checkpoint (what A1111 and ComfyUI load), through lcmtool.models.export."""
-    from safetensors.torch import save_file
-
-    from lcmtool.fileio import atomic_path
+    """One LDM / SGM-named checkpoint (what A1111 and ComfyUI load), through lcmtool.models.export, written by
+    lcmtool's own safetensors writer (one temp file, removed on failure; data hash in the header)."""
+    from lcmtool.lora.metadata import modelspec
+    from lcmtool.lora.stfile import write_safetensors
     from lcmtool.models.export import to_single_file
 
     sd = to_single_file(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    md = base_metadata(family, title=out.stem, extra={"lcmtool": record})
-    md["modelspec.architecture"] = md.get("modelspec.architecture", "").removesuffix("/lora")
-    with atomic_path(out) as tmp:
-        save_file(sd, str(tmp), metadata=md)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    md = modelspec(family, out.stem, sgm_names=True, lora=False, resolution=f"{size}x{size}")
+    md["lcmtool"] = json.dumps(record, sort_keys=True)
+    write_safetensors(sd, out, md)

@@ -77,12 +77,12 @@ def apply_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], fu
     if not loras:
         return []
     from lcmtool.fileio import sha256_file
-    from lcmtool.lora.fuse import fuse_into_unet
+    from lcmtool.lora.fuse import fuse_into_pipeline
 
     if files is None:
         files = check_loras(pipe, family, spec, loras)
     if fuse:
-        fuse_into_unet(pipe.unet, files)
+        fuse_into_pipeline(pipe, files)  # the UNet and the text encoders the LoRAs change (issue 17)
     else:
         names = [f"lora{i}" for i in range(len(loras))]
         try:

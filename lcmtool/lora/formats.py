@@ -4,6 +4,8 @@ Canonical: the diffusers module path inside the UNet ('down_blocks.0.attentions.
 carry the prefix 'text_encoder.' / 'text_encoder_2.'. Formats read:
   kohya         lora_unet_<path with _>.lora_down.weight / .lora_up.weight / .alpha  (diffusers block names)
   kohya-sgm     the same with SGM block names (input_blocks / middle_block / output_blocks), kohya's SDXL files
+Written: `kohya` means kohya's own naming per family (diffusers block names for SD-1.5, SGM names for SDXL and
+SSD-1B: what kohya's SDXL tools, A1111 and civitai files use); `kohya-diffusers` forces diffusers block names.
   diffusers     unet.<path>.lora_A.weight / .lora_B.weight (what `save_lora_weights` writes today)
   diffusers-old unet.<path>.lora.down.weight, and attention processors <attn>.processor.to_q_lora.down.weight
   peft          base_model.model.<path>.lora_A.weight (get_peft_model_state_dict of a wrapped UNet)
@@ -21,7 +23,8 @@ LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.ne
                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 FORMATS = ("kohya", "kohya-sgm", "diffusers", "diffusers-old", "peft")
-WRITE_FORMATS = ("kohya", "kohya-sgm", "diffusers", "peft")
+WRITE_FORMATS = ("kohya", "kohya-sgm", "kohya-diffusers", "diffusers", "peft")
+SGM_FAMILIES = ("sdxl", "ssd1b")
 
 # Multi-word attribute names; kohya flattens '.' to '_' so these must be re-joined when reading.
 _VOCAB = {
@@ -37,6 +40,24 @@ _MAX_WORDS = max(len(v.split("_")) for v in _VOCAB)
 _REFUSED = {"hada_w1_a": "LoHa", "hada_w2_a": "LoHa", "lokr_w1": "LoKr", "lokr_w2": "LoKr",
             "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "oft_blocks": "OFT", ".diff": "full-diff"}
 _KOHYA_TE = {"lora_te_": "text_encoder.", "lora_te1_": "text_encoder.", "lora_te2_": "text_encoder_2."}
+
+
+def resolve_write_format(fmt: str, family: str | None) -> str:
+    """A format name users write -> the key layout written: 'kohya' (diffusers names) or 'kohya-sgm', etc."""
+    if fmt not in WRITE_FORMATS:
+        raise LcmError(f"cannot write format '{fmt}' (choose one of {', '.join(WRITE_FORMATS)})")
+    if fmt == "kohya":
+        return "kohya-sgm" if family in SGM_FAMILIES else "kohya"
+    return "kohya" if fmt == "kohya-diffusers" else fmt
+
+
+def te_path(path: str) -> str:
+    """Text-encoder paths in one layout: `text_encoder[_2].text_model.<...>` (kohya's, and transformers 4's);
+    files written against transformers 5's CLIPTextModel lack the `text_model` level."""
+    head, _, rest = path.partition(".")
+    if head in ("text_encoder", "text_encoder_2") and rest and not rest.startswith(("text_model.", "text_projection")):
+        return f"{head}.text_model.{rest}"
+    return path
 
 
 def kohya_name_to_path(flat: str) -> str:
@@ -121,12 +142,12 @@ def to_canonical(raw: str, fmt: str, unet_config: dict | None = None) -> str:
             return path
         for prefix, te in _KOHYA_TE.items():
             if raw.startswith(prefix):
-                return te + kohya_name_to_path(raw[len(prefix):])
+                return te_path(te + kohya_name_to_path(raw[len(prefix):]))
         raise LcmError(f"unknown kohya module '{raw}' (expected lora_unet_ / lora_te_ / lora_te1_ / lora_te2_)")
     if fmt == "peft":
         return raw.removeprefix("base_model.model.")
     if fmt == "diffusers":
-        return raw.removeprefix("unet.")
+        return te_path(raw.removeprefix("unet."))
     if fmt == "diffusers-old":
         path = raw.removeprefix("unet.")
         # attention processors: '...attn1.processor.to_q' -> '...attn1.to_q', 'to_out' -> 'to_out.0'
@@ -136,7 +157,7 @@ def to_canonical(raw: str, fmt: str, unet_config: dict | None = None) -> str:
         if path.startswith(("text_encoder.", "text_encoder_2.")):  # old te names: to_q -> q_proj
             path = re.sub(r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj", path)
             path = re.sub(r"self_attn\.to_out\.0$", "self_attn.out_proj", path)
-        return path
+        return te_path(path)
     raise ValueError(f"unknown format {fmt}")
 
 

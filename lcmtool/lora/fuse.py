@@ -92,3 +92,15 @@ def fuse_into_pipeline(pipe, loras: list[tuple[LoraFile, float]]) -> int:
                 raise LcmError(f"the LoRA changes {te}, which this model does not have")
             n += fuse_terms(model, terms, prefix=te + ".")
     return n
+
+
+def nonfinite_module(pipe, paths) -> str | None:
+    """The first of the module `paths` whose weight in `pipe` holds inf/NaN (e.g. after a cast to fp16)."""
+    for path in paths:
+        head, _, rest = path.partition(".")
+        root, sub = (getattr(pipe, head, None), rest) if head in TEXT_ENCODERS else (pipe.unet, path)
+        mod = find_submodule(root, sub) if root is not None else None
+        weight = getattr(mod, "weight", None)
+        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+            return path
+    return None

@@ -7,7 +7,6 @@ module as alpha / lora_down.shape[0]); diffusers and peft files have no alpha ke
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -18,15 +17,14 @@ from pathlib import Path
 import torch
 
 from lcmtool.errors import LcmError
-from lcmtool.fileio import atomic_path, atomic_write_json
+from lcmtool.fileio import atomic_write_json
 from lcmtool.lora import formats
+from lcmtool.lora import metadata as md_
+from lcmtool.lora.metadata import base_metadata  # noqa: F401 - the engines' entry point
+from lcmtool.lora.stfile import SafetensorsReader, write_safetensors
 from lcmtool.presets import PRESETS
 
 FAMILIES = ("sd15", "sdxl", "ssd1b")
-# kohya ss_base_model_version and modelspec.architecture per family
-_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "ssd1b": "sdxl_base_v1-0"}
-_ARCH = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
-         "ssd1b": "stable-diffusion-xl-v1-base/lora"}
 
 
 @dataclasses.dataclass
@@ -37,15 +35,19 @@ class LoraModule:
     B: torch.Tensor
     alpha: float
     # lazy modules (load_lora(lazy=True)): A and B are meta tensors (shape and dtype only) and the factors are read
-    # from (reader, down key, up key) when the math needs them, so a merge never holds every input in memory
+    # from (reader, down key, up key, module path, check finite) when the math needs them, so a merge never holds
+    # every input in memory
     source: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def loaded(self) -> LoraModule:
-        """This module with real factors (itself when it is not lazy)."""
+        """This module with real factors (itself when it is not lazy); LcmError for inf/NaN factors."""
         if self.source is None:
             return self
-        reader, down, up = self.source
-        return LoraModule(A=reader.get(down), B=reader.get(up), alpha=self.alpha)
+        reader, down, up, name, check = self.source
+        m = LoraModule(A=reader.get(down), B=reader.get(up), alpha=self.alpha)
+        if check:
+            check_finite(m, name, reader.path)
+        return m
 
     @property
     def rank(self) -> int:
@@ -95,72 +97,31 @@ def _alpha_value(t: torch.Tensor, key: str) -> float:
     return v
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+def check_finite(m: LoraModule, name: str, path) -> None:
+    """LcmError naming the module and the file when a factor holds inf or NaN (a damaged or diverged LoRA)."""
+    for which, t in (("down", m.A), ("up", m.B)):
+        if not bool(torch.isfinite(t).all()):
+            raise LcmError(f"{path}: module '{name}' has inf/NaN values in its {which} factor (a damaged or "
+                           "diverged LoRA)")
 
 
-class SafetensorsReader:
-    """The tensors of one safetensors file, read on demand with pread straight into each tensor's own memory.
-
-    safe_open validates the file (header, offsets, size); reading then needs no mmap (whose touched pages count
-    in the resident set while the file is open) and no intermediate copy. Thread-safe: every read is a pread.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import SafetensorError, safe_open
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise LcmError(f"LoRA file not found: {self.path}")
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                self.metadata = dict(f.metadata() or {})
-                keys = list(f.keys())
-            with open(self.path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise LcmError(f"{self.path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-        self._base = 8 + n
-        self._entries = {k: header[k] for k in keys}
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, key: str) -> tuple:
-        return tuple(self._entries[key]["shape"])
-
-    def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor of the stored shape and dtype (no data)."""
-        e = self._entries[key]
-        return torch.empty(e["shape"], dtype=_ST_DTYPES.get(e["dtype"], torch.float32), device="meta")
-
-    def get(self, key: str) -> torch.Tensor:
-        e = self._entries[key]
-        dtype = _ST_DTYPES.get(e["dtype"])
-        if dtype is None:  # fp8 and other rare dtypes: let safetensors decode them
-            from safetensors import safe_open
-
-            with safe_open(str(self.path), framework="pt") as f:
-                return f.get_tensor(key)
-        t = torch.empty(e["shape"], dtype=dtype)
-        begin, end = e["data_offsets"]
-        if t.numel():
-            buf = memoryview(t.view(-1).view(torch.uint8).numpy())
-            if len(buf) != end - begin:
-                raise LcmError(f"{self.path}: tensor '{key}' has {end - begin} bytes for shape {e['shape']}")
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                got = 0
-                while got < len(buf):
-                    k = os.preadv(fd, [buf[got:]], self._base + begin + got)
-                    if k <= 0:
-                        raise LcmError(f"{self.path}: truncated while reading '{key}'")
-                    got += k
-            finally:
-                os.close(fd)
-        return t
+def _check_module(path, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """One line naming the module when its factors do not form a LoRA lcmtool can apply."""
+    bad = re.search(r"(^|\.)(weight|bias)$", name) or not name or "" in name.split(".")
+    if bad:
+        raise LcmError(f"{path}: module path '{name}' is empty or names a parameter, not a module")
+    for which, t in (("down", A), ("up", B)):
+        if not t.dtype.is_floating_point:
+            raise LcmError(f"{path}: module '{name}' has a {str(t.dtype).replace('torch.', '')} {which} factor; "
+                           "LoRA factors are floating point")
+    if A.ndim not in (2, 4) or B.ndim != A.ndim or B.shape[1] != A.shape[0]:
+        raise LcmError(f"{path}: module '{name}' has factors of shapes {tuple(A.shape)} and {tuple(B.shape)}"
+                       " that do not form a LoRA")
+    if A.shape[0] == 0 or A.numel() == 0 or B.numel() == 0:
+        raise LcmError(f"{path}: module '{name}' has empty factors (rank {A.shape[0]}, shapes {tuple(A.shape)} and "
+                       f"{tuple(B.shape)})")
+    if B.ndim == 4 and tuple(B.shape[2:]) != (1, 1):
+        raise LcmError(f"{path}: module '{name}' has a {tuple(B.shape[2:])} up kernel; only 1x1 is LoRA")
 
 
 def _json_object(text: str, what: str) -> dict:
@@ -174,15 +135,29 @@ def _json_object(text: str, what: str) -> dict:
     return obj
 
 
-def _peft_alphas(cfg: dict, ranks: dict[str, int]) -> dict[str, float]:
+def _peft_number(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise LcmError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _peft_alphas(cfg: dict, ranks: dict[str, int], what: str) -> dict[str, float]:
     """Per-module alpha from a LoraConfig dict (lora_alpha, alpha_pattern, rank_pattern, use_rslora)."""
+    base = cfg.get("lora_alpha")
+    base = None if base is None else _peft_number(base, f"{what}: lora_alpha")
+    patterns = cfg.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise LcmError(f"{what}: alpha_pattern must be a mapping of module patterns to numbers")
+    compiled = []
+    for pat, v in patterns.items():
+        try:
+            compiled.append((re.compile(rf"(.*\.)?({str(pat).lstrip('^')})$"), _peft_number(v, f"{what}: "
+                                                                                           f"alpha_pattern[{pat}]")))
+        except re.error as e:
+            raise LcmError(f"{what}: alpha_pattern key {pat!r} is not a regular expression ({e})") from None
     out = {}
     for path, r in ranks.items():
-        alpha = cfg.get("lora_alpha", r)
-        for pat, v in (cfg.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pat.lstrip('^')})$", path):
-                alpha = v
-                break
+        alpha = next((v for rx, v in compiled if rx.match(path)), r if base is None else base)
         if cfg.get("use_rslora"):  # peft scales by alpha / sqrt(r); express it as an alpha over r
             alpha = alpha * (r ** 0.5)
         out[path] = float(alpha)
@@ -210,126 +185,139 @@ def guess_family(modules: dict[str, LoraModule]) -> str | None:
     return None
 
 
-def load_lora(path: str | os.PathLike, family: str | None = None, lazy: bool = False) -> LoraFile:
+def load_lora(path: str | os.PathLike, family: str | None = None, lazy: bool = False,
+              check: bool = True) -> LoraFile:
     """Read a LoRA safetensors file in any supported format into the canonical form.
 
-    lazy: keep only shapes and dtypes now (meta tensors) and read each module's factors when the math asks for
-    them (`LoraModule.loaded`, which `delta` and the merge functions call), so merging streams the inputs.
+    Every defect is an LcmError naming the file (and the first bad module): not safetensors, duplicate header
+    keys, not a LoRA, empty or parameter module paths, non-float or empty factors, bad alphas, and (check=True)
+    inf/NaN factors. lazy: keep only shapes and dtypes now (meta tensors) and read each module's factors when the
+    math asks for them (`LoraModule.loaded`, which `delta` and the merge functions call), so merging streams the
+    inputs; the inf/NaN check then runs as each module is read.
     """
     reader = SafetensorsReader(path)
     meta, keys = reader.metadata, reader.keys()
     if not keys:
         raise LcmError(f"{path}: empty safetensors file, not a LoRA")
-    fmt = formats.detect(keys)
-    groups = formats.split_keys(keys, fmt)
-    if fmt == "kohya-sgm" and family is None:
-        ctx = [reader.shape(g["down"])[1] for n, g in groups.items() if n.endswith("attn2_to_k")]
-        family = "sd15" if ctx and ctx[0] == 768 else "sdxl"
-    unet_config = unet_preset(family) if fmt == "kohya-sgm" else None
+    try:
+        fmt = formats.detect(keys)
+        groups = formats.split_keys(keys, fmt)
+        sgm_family = family  # the block layout that SGM names are read in (SDXL's unless the file says SD-1.5)
+        if fmt == "kohya-sgm" and family is None:
+            ctx = [reader.shape(g["down"])[1:2] for n, g in groups.items() if n.endswith("attn2_to_k")]
+            sgm_family = "sd15" if ctx and ctx[0] == (768,) else "sdxl"
+        unet_config = unet_preset(sgm_family) if fmt == "kohya-sgm" else None
+        names = {raw: formats.to_canonical(raw, fmt, unet_config) for raw in groups}
+    except LcmError as e:
+        raise LcmError(f"{path}: {e}") from None
     modules: dict[str, LoraModule] = {}
     raw_alpha: dict[str, float | None] = {}
     for raw, g in groups.items():
-        canon = formats.to_canonical(raw, fmt, unet_config)
+        canon = names[raw]
         if canon in modules:
             raise LcmError(f"{path}: module '{canon}' appears twice (as '{raw}')")
-        A, B = (reader.meta(g["down"]), reader.meta(g["up"])) if lazy else (reader.get(g["down"]), reader.get(g["up"]))
-        if A.ndim not in (2, 4) or B.ndim != A.ndim or B.shape[1] != A.shape[0]:
-            raise LcmError(f"{path}: module '{canon}' has factors of shapes {tuple(A.shape)} and {tuple(B.shape)}"
-                           " that do not form a LoRA")
-        if B.ndim == 4 and tuple(B.shape[2:]) != (1, 1):
-            raise LcmError(f"{path}: module '{canon}' has a {tuple(B.shape[2:])} up kernel; only 1x1 is LoRA")
+        A, B = reader.meta(g["down"]), reader.meta(g["up"])
+        _check_module(path, canon, A, B)
+        if not lazy:
+            A, B = reader.get(g["down"]), reader.get(g["up"])
         raw_alpha[canon] = _alpha_value(reader.get(g["alpha"]), g["alpha"]) if "alpha" in g else None
         modules[canon] = LoraModule(A=A, B=B, alpha=float(A.shape[0]),
-                                    source=(reader, g["down"], g["up"]) if lazy else None)
-    # alphas: kohya and diffusers '.alpha' keys per module, missing = rank (scale 1, as kohya / ComfyUI / A1111)
-    peft_cfg = None
-    if fmt in ("diffusers", "peft") and not any(v is not None for v in raw_alpha.values()):
-        side = Path(path).parent / "adapter_config.json"
-        if "lora_adapter_metadata" in meta:
-            peft_cfg = _json_object(meta["lora_adapter_metadata"], f"{path}: lora_adapter_metadata")
-        elif fmt == "peft" and side.is_file():
-            peft_cfg = _json_object(side.read_text(errors="replace"), str(side))
-    if peft_cfg is not None:
-        cfg_alpha = _peft_alphas(peft_cfg, {p: m.rank for p, m in modules.items()})
-        for p, m in modules.items():
-            m.alpha = cfg_alpha[p]
-    else:
-        for p, m in modules.items():
-            if raw_alpha[p] is not None:
-                m.alpha = raw_alpha[p]
+                                    source=(reader, g["down"], g["up"], canon, check) if lazy else None)
+        if check and not lazy:
+            check_finite(modules[canon], canon, path)
+    _set_alphas(path, fmt, meta, modules, raw_alpha)
     dtypes = Counter(m.A.dtype for m in modules.values())
     fam = family or guess_family(modules)
     return LoraFile(modules=modules, format=fmt, metadata=meta, family=fam, dtype=dtypes.most_common(1)[0][0],
                     path=str(path))
 
 
-def kohya_metadata(modules: dict[str, LoraModule], family: str | None) -> dict[str, str]:
-    ranks = Counter(m.rank for m in modules.values())
-    alphas = Counter(m.alpha for m in modules.values())
-    md = {"ss_network_module": "networks.lora",
-          "ss_network_dim": str(ranks.most_common(1)[0][0]) if ranks else "0",
-          "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}" if alphas else "0"}
-    if family:
-        md["ss_base_model_version"] = _BASE_VERSION[family]
-    return md
-
-
-def base_metadata(family: str | None, title: str, extra: dict | None = None) -> dict[str, str]:
-    md = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": title,
-          "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-          "modelspec.implementation": "https://github.com/huggingface/diffusers"}
-    if family:
-        md["modelspec.architecture"] = _ARCH[family]
-    for k, v in (extra or {}).items():
-        md[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    return md
-
-
-def _peft_config(modules: dict[str, LoraModule]) -> dict:
-    ranks = Counter(m.rank for m in modules.values())
-    r = ranks.most_common(1)[0][0]
-    pattern = {f"^{p}": m.rank for p, m in modules.items() if m.rank != r}
-    return {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-            "target_modules": sorted(modules), "bias": "none", "use_rslora": False, "use_dora": False,
-            "init_lora_weights": True}
-
-
-def file_alpha(modules: dict[str, LoraModule]) -> float:
-    """The one alpha a written kohya file gives every module: the most common nonzero alpha.
-
-    diffusers reads a kohya file's per-module alphas into peft's alpha_pattern under names that never match the
-    attention modules (`attn1.processor.to_q_lora.down.weight`), so those get the file's most common alpha
-    whatever their own is. With one alpha per file every loader gets the same scale alpha / r per module.
-    """
-    alphas = Counter(m.alpha for m in modules.values() if m.alpha != 0)
-    return float(alphas.most_common(1)[0][0]) if alphas else 1.0
+def _set_alphas(path, fmt: str, meta: dict, modules: dict[str, LoraModule], raw_alpha: dict) -> None:
+    """kohya and diffusers '.alpha' keys per module, missing = rank (scale 1, as kohya / ComfyUI / A1111);
+    diffusers / peft files without them: the peft LoraConfig in the metadata or beside the file."""
+    peft_cfg, what = None, None
+    if fmt in ("diffusers", "peft") and not any(v is not None for v in raw_alpha.values()):
+        side = Path(path).parent / "adapter_config.json"
+        if "lora_adapter_metadata" in meta:
+            what = f"{path}: lora_adapter_metadata"
+            peft_cfg = _json_object(meta["lora_adapter_metadata"], what)
+        elif fmt == "peft" and side.is_file():
+            what = str(side)
+            peft_cfg = _json_object(side.read_text(errors="replace"), what)
+    if peft_cfg is not None:
+        cfg_alpha = _peft_alphas(peft_cfg, {p: m.rank for p, m in modules.items()}, what)
+        for p, m in modules.items():
+            m.alpha = cfg_alpha[p]
+    else:
+        for p, m in modules.items():
+            if raw_alpha[p] is not None:
+                m.alpha = raw_alpha[p]
 
 
 def save_lora(lora: LoraFile | dict[str, LoraModule], path: str | os.PathLike, format: str = "kohya",
               family: str | None = None, metadata: dict[str, str] | None = None,
               dtype: torch.dtype | None = None) -> Path:
-    """Write `lora` atomically in `format`; refuses inf/NaN. Metadata values are strings; kohya files get ss_*."""
-    from safetensors.torch import save_file
+    """Write `lora` atomically in `format` (`kohya`: SGM block names for SDXL-family LoRAs, as kohya's SDXL
+    tools, A1111 and civitai files have them; `kohya-diffusers`: diffusers block names); refuses inf/NaN.
 
+    Metadata values are strings; every file gets ModelSpec 1.0.1 keys, lcmtool's rank record and its data hash
+    (`sshs_model_hash`, `modelspec.hash_sha256`); kohya files get the ss_network_* keys.
+    """
     modules = lora.modules if isinstance(lora, LoraFile) else lora
     if isinstance(lora, LoraFile):
         family = family or lora.family
         dtype = dtype or lora.dtype
     dtype = dtype or torch.float32
-    if format not in formats.WRITE_FORMATS:
-        raise LcmError(f"cannot write format '{format}' (choose one of {', '.join(formats.WRITE_FORMATS)})")
+    if not dtype.is_floating_point:
+        raise LcmError(f"cannot write {str(dtype).replace('torch.', '')} LoRA factors: choose fp32, fp16 or bf16")
     if not modules:
         raise LcmError("nothing to write: the LoRA has no modules")
+    fmt = layout(modules, format, family)
     unet_config = None
-    if format == "kohya-sgm":
+    if fmt == "kohya-sgm":
         if family not in ("sdxl", "ssd1b"):
             raise LcmError(f"kohya-sgm names are for SDXL-family LoRAs; this one is {family or 'of unknown family'}")
         unet_config = unet_preset(family)
-    down_s, up_s, alpha_s = formats.suffixes(format)
-    alpha0 = file_alpha(modules) if alpha_s is not None else None
+    sd = _state_dict(modules, fmt, family, unet_config, dtype)
+    ranks = {p: m.rank for p, m in modules.items()}
+    md = {k: str(v) for k, v in (metadata or {}).items()
+          if k != "lora_adapter_metadata" and not k.startswith("ss_network")}
+    md.update({k: v for k, v in md_.modelspec(family, Path(path).stem, fmt == "kohya-sgm").items()
+               if k not in md or k in ("modelspec.sai_model_spec", "modelspec.implementation",
+                                       "modelspec.implementation_version")})
+    md["lcmtool.ranks"] = md_.rank_record(ranks)
+    if fmt.startswith("kohya"):
+        alpha0 = md_.file_alpha([m.alpha for m in modules.values()])
+        md.update(md_.kohya_metadata(ranks, dict.fromkeys(ranks, alpha0), family))
+    path = Path(path)
+    write_safetensors(sd, path, md)
+    if fmt == "peft" and path.name == "adapter_model.safetensors":
+        atomic_write_json(path.parent / "adapter_config.json", md_.peft_config(ranks))
+    return path
+
+
+def layout(modules: dict[str, LoraModule], format: str, family: str | None) -> str:
+    """The key layout `save_lora` writes for `format`: 'kohya' gives SGM names ('kohya-sgm') to an SDXL-family
+    LoRA whose UNet modules all exist, shape for shape, in the family's UNet; any other (the demo's tiny SDXL)
+    keeps diffusers block names, as SGM names would not be its layout."""
+    from lcmtool.lora import fit
+
+    fmt = formats.resolve_write_format(format, family)
+    if fmt == "kohya-sgm" and format == "kohya":
+        unet = {p: m for p, m in modules.items() if p.split(".", 1)[0] not in ("text_encoder", "text_encoder_2")}
+        unknown, wrong = fit.misfits(unet, fit.family_shapes(family))
+        fmt = "kohya" if unknown or wrong else fmt
+    return fmt
+
+
+def _state_dict(modules: dict[str, LoraModule], fmt: str, family: str | None, unet_config: dict | None,
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of the file: factors cast to `dtype` (kohya: one alpha per file, the rest baked in)."""
+    down_s, up_s, alpha_s = formats.suffixes(fmt)
+    alpha0 = md_.file_alpha([m.alpha for m in modules.values()]) if alpha_s is not None else None
     sd: dict[str, torch.Tensor] = {}
     for p, m in modules.items():
-        stem = formats.from_canonical(p, format, family, unet_config)
+        stem = formats.from_canonical(p, fmt, family, unet_config)
         m = m.loaded()
         a, b = m.A, m.B
         if alpha_s is None and m.scale != 1.0:  # no alpha key: bake the scale into B (fp32 then cast)
@@ -342,18 +330,8 @@ def save_lora(lora: LoraFile | dict[str, LoraModule], path: str | os.PathLike, f
             if not torch.isfinite(t).all():
                 raise LcmError(f"refusing to write inf/NaN in module '{p}' ({name} factor, dtype {dtype})")
         if stem + down_s in sd:
-            raise LcmError(f"two modules map to the same key '{stem}' in format {format}")
+            raise LcmError(f"two modules map to the same key '{stem}' in format {fmt}")
         sd[stem + down_s], sd[stem + up_s] = a, b
         if alpha_s is not None:
             sd[stem + alpha_s] = torch.tensor(float(alpha0), dtype=torch.float32)
-    md = {k: str(v) for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
-    if format in ("kohya", "kohya-sgm"):
-        md.update(kohya_metadata(modules, family))
-    else:
-        md = {k: v for k, v in md.items() if not k.startswith("ss_network")}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata=md)
-    if format == "peft" and path.name == "adapter_model.safetensors":
-        atomic_write_json(path.parent / "adapter_config.json", _peft_config(modules))
-    return path
+    return sd

@@ -20,12 +20,17 @@ def _flat(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     return m.B.float().reshape(m.B.shape[0], m.rank), m.A.float().reshape(m.rank, -1)
 
 
+def comparable(shape: tuple) -> tuple:
+    """A weight shape with a 1x1 conv's kernel dims dropped: a 1x1 conv and its linear twin compare equal."""
+    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
+
+
 def check_terms(name: str, terms: list[Term]) -> tuple[list[Term], tuple]:
     """Drop zero-weight terms; all terms must modify a weight of one shape (1x1 conv == linear). -> (terms, shape)."""
     shape = None
     for m, _ in terms:
         s = tuple(m.out_shape)
-        s_cmp = s[:2] if len(s) == 4 and s[2:] == (1, 1) else s
+        s_cmp = comparable(s)
         if shape is None:
             shape, shape_cmp = s, s_cmp
         elif s_cmp != shape_cmp:

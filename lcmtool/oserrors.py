@@ -92,10 +92,13 @@ def describe(code: int, path: Path, written: int = 0) -> str:
     """One line: what could not be written, why, and what is needed."""
     if code in (E.ENOSPC, E.EDQUOT):
         free = _free(path)
-        need = f"needs more than {_size(written)}" if written else "needs more space"
-        have = f", {_size(free)} free" if free is not None else ""
+        if free is not None and written >= 0.9 * free:
+            need = f"needs more than the {_size(free)} free"
+        else:
+            need = (f"needs more than {_size(written)}" if written else "needs more space") + (
+                f", {_size(free)} free" if free is not None else "")
         what = "no space left" if code == E.ENOSPC else "disk quota exceeded"
-        return f"{what} writing {path} ({need}{have}): free some space or write to another filesystem"
+        return f"{what} writing {path} ({need}): free some space or write to another filesystem"
     if code == E.EROFS:
         return f"cannot write {path}: the filesystem of {_existing(path.parent)} is read-only; choose a writable folder"
     if code in (E.EACCES, E.EPERM):

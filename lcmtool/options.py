@@ -56,6 +56,8 @@ class SampleConfig(GenerationConfig):
                                                "--steps).", min=0, max=999)
     batch_size: int = opt(4, "Images per pipeline call.", min=1, max=4096)
     out: str = opt("outputs/sample", "Output folder.")
+    compile: Optional[bool] = opt(None, "torch.compile the UNet and VAE decoder (default: on with CUDA; off on CPU, "
+                                        "where compiling costs minutes).")
 
 
 @dataclass

@@ -115,6 +115,33 @@ def test_schedulers_match_plain_diffusers(demo_folders, fam):
         assert np.asarray(mine).std() > 1, "blank image"  # a real image, not a constant
 
 
+@pytest.mark.parametrize("fam", ["sd", "xl"])
+def test_fast_loop_matches_pipeline_all_schedulers(demo_folders, fam):
+    """lcmtool's loop (fused QKV, prompt cache) == diffusers' pipeline call on the same components, for all five
+    schedulers, two prompts with their own seeds, negative prompts under CFG; a second call hits the prompt cache
+    and still matches."""
+    from lcmtool.engines.sample import set_scheduler
+    from lcmtool.models.load import load_pipeline
+    from lcmtool.models.pipeline import FastSampler
+
+    pipe, _ = load_pipeline(demo_folders[fam], torch.float32, "cpu")
+    base = dict(pipe.scheduler.config)
+    fast = FastSampler(pipe)
+    prompts, negs, seeds = [PROMPT, "a small blue square at the top"], ["a green cross", "blurry"], [3, 4]
+    for name, g in (("lcm", 1.0), ("tcd", 1.0), ("dpmpp", 7.5), ("ddim", 7.5), ("euler", 7.5)):
+        sched = set_scheduler(pipe, base, name, 4, "leading")
+        eta = {"eta": 0.3} if name == "tcd" else {}
+        for _ in range(2):
+            mine = fast(prompts, negs, seeds, sched, 4, g, 64, 64, eta=eta.get("eta"), output="uint8").numpy()
+        fast.weights_changed()  # the stock call below runs on the plain attention processors
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        ref = pipe(prompts, negative_prompt=negs if g > 1 else None, num_inference_steps=4, guidance_scale=g,
+                   height=64, width=64, generator=gens, output_type="np", **eta).images
+        assert max_diff(mine, (ref * 255).round()) <= TOL, (fam, name)
+        assert max_diff(mine[0], mine[1]) > 10, "two prompts and seeds, one image"
+    assert len(fast._text) == 4  # two prompts and two negatives, each encoded once
+
+
 def test_no_sync_schedulers_equal_stock():
     """All five wrapped schedulers step exactly like diffusers' (same timesteps, same trajectory)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
@@ -324,3 +351,26 @@ def test_compare_reads_each_lora_once(monkeypatch, demo_folders, loras, tmp_path
               "--lora", loras["sd-kohya"], "--out", tmp_path / "g.png")
     assert res.exit_code == 0, res.output
     assert calls == [loras["sd-kohya"]]
+
+
+def test_deterministic_names_rerun_skips_and_other_settings_do_not_overwrite(demo_folders, tmp_path):
+    """<prompt index>-<seed>-<digest>.png; the same command again writes nothing (records say skipped, the files are
+    untouched); other steps write new files beside them."""
+    pf = tmp_path / "p.txt"
+    pf.write_text(PROMPT + "\na small blue square at the top\n")
+    cmd = ["sample", "--model", demo_folders["sd"], "--prompts", pf, "--num-images", 2, "--steps", 1, "--lora",
+           "none", "--seed", 5, "--batch-size", 3, "--json", "--out", tmp_path / "o"]
+    res = cli(*cmd)
+    assert res.exit_code == 0, res.output
+    first = [json.loads(ln) for ln in res.stdout.splitlines()]
+    names = [p.rsplit("/", 1)[1].rsplit("-", 1)[0] for p in (r["path"] for r in first)]
+    assert names == ["00000-5", "00000-6", "00001-5", "00001-6"] and not any(r["skipped"] for r in first)
+    mtimes = {r["path"]: (tmp_path / "o" / r["path"].rsplit("/", 1)[1]).stat().st_mtime_ns for r in first}
+    res = cli(*cmd)
+    assert res.exit_code == 0, res.output
+    again = [json.loads(ln) for ln in res.stdout.splitlines()]
+    assert [r["path"] for r in again] == list(mtimes) and all(r["skipped"] for r in again)
+    assert all((tmp_path / "o" / p.rsplit("/", 1)[1]).stat().st_mtime_ns == t for p, t in mtimes.items())
+    res = cli(*[("2" if a == 1 else a) for a in cmd])  # --steps 2
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "o").glob("*.png"))) == 8

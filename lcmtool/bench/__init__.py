@@ -13,7 +13,7 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> list[dict]:
     if cfg.sample or not (cfg.merge or cfg.distill):
         from lcmtool.bench.sample import bench_sample
 
-        rows.append({"bench": "sample", **bench_sample(model=cfg.model, device=cfg.device, log=log)})
+        rows.extend({"bench": "sample", **row} for row in bench_sample(model=cfg.model, device=cfg.device, log=log))
     if cfg.merge:
         from lcmtool.bench.merge import bench_merge
 

@@ -34,6 +34,7 @@ def parse_run(spec: str) -> tuple[str, int, float | None]:
 def compare(cfg: CompareConfig) -> dict:
     """`lcmtool compare`: one grid, rows = prompt x seed, columns = scheduler:steps, each with its ms/image."""
     from lcmtool.config import write_resolved
+    from lcmtool.models.pipeline import FastSampler
     from lcmtool.outputs.png import grid, save_png
 
     jobs = read_prompts(cfg.prompt, cfg.prompts, cfg.negative_prompt, cfg.seed, cfg.num_images)
@@ -53,9 +54,10 @@ def compare(cfg: CompareConfig) -> dict:
     base_config = dict(pipe.scheduler.config)
     height, width = image_size(pipe, cfg.height, cfg.width)
     files = check_loras(pipe, family, cfg.model, loras) if loras else None  # fail on a bad LoRA before sampling
+    sampler = FastSampler(pipe)  # lcmtool's loop, as `sample` runs it (eager)
     # warm-up: first calls pay for allocation and kernel selection, which no column should be charged
     set_scheduler(pipe, base_config, "ddim", 1, cfg.timestep_spacing)
-    generate(pipe, jobs[:1], "ddim", 1, 1.0, height, width, device)
+    generate(pipe, jobs[:1], "ddim", 1, 1.0, height, width, device, sampler=sampler)
 
     # the teacher's columns first, then fuse the LoRA once for the distilled ones
     order = sorted(range(len(runs)), key=lambda i: distilled[i])
@@ -67,9 +69,11 @@ def compare(cfg: CompareConfig) -> dict:
         name, steps, _ = runs[i]
         if distilled[i] and loras and not fused:
             lora_meta = apply_loras(pipe, family, cfg.model, loras, fuse=True, files=files)
+            sampler.weights_changed()
             fused = True
         set_scheduler(pipe, base_config, name, steps, cfg.timestep_spacing)
-        images, ms = generate(pipe, jobs, name, steps, guid[i], height, width, device, gamma=cfg.gamma)
+        images, ms = generate(pipe, jobs, name, steps, guid[i], height, width, device, gamma=cfg.gamma,
+                              sampler=sampler)
         cells[i], timings[i] = images, ms / len(jobs)
     col_labels = [f"{SAMPLER_NAMES[s]} {n} step{'s' * (n > 1)}, {timings[i]:.0f} ms/img"
                   for i, (s, n, _) in enumerate(runs)]

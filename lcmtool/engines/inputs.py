@@ -20,6 +20,7 @@ class Job:
     prompt: str
     negative_prompt: str
     seed: int
+    index: int = 0  # the prompt's position in --prompt / --prompts (names the image with its seed)
 
 
 _warned: set[str] = set()
@@ -80,7 +81,7 @@ def read_prompts(prompt: str | None, prompts: str | None, negative: str, seed: i
             raise LcmError(f"prompts file {where} has no prompts")
     else:
         raise LcmError("no prompt: give --prompt TEXT or --prompts FILE")
-    jobs = [Job(p, neg, s + k) for p, neg, s in entries for k in range(num_images)]
+    jobs = [Job(p, neg, s + k, i) for i, (p, neg, s) in enumerate(entries) for k in range(num_images)]
     bad = next((j.seed for j in jobs if not -2 ** 63 <= j.seed < 2 ** 64), None)
     if bad is not None:  # torch.Generator.manual_seed takes a 64-bit seed
         raise LcmError(f"seed {bad} is out of range (a 64-bit integer)")

@@ -1,16 +1,24 @@
 """The sample engine: `sample(cfg)` makes PNGs for every prompt x num_images.
 
-Flow: validate every input (engines/inputs.py: prompts, steps, LoRA files) -> load the pipeline -> pin the
-scheduler -> fuse the LoRAs -> diffusers' own pipeline call per batch, with per-image device generators so an
-image depends on its seed, not on its batch -> PNG + metadata, written atomically. `compare` (engines/compare.py)
-shares the loading, LoRA and batch functions here.
-The denoising loop is diffusers' with the no-sync schedulers of `schedulers.py`.
+Flow: validate every input (engines/inputs.py) -> this process's share of the images (engines/shard.py), less
+those already written -> load the pipeline -> fuse the LoRAs -> lcmtool's denoising loop
+(lcmtool.models.pipeline.FastSampler: the diffusers pipeline's numbers, text encoded once per prompt, no
+host-device sync, optional torch.compile) per batch, one device generator per image so that an image depends on
+its seed, not on its batch -> PNG + metadata, written atomically after each batch.
+
+Image names are deterministic: `<prompt index>-<seed>-<request digest>.png`; the digest covers everything that
+sets the pixels (model, LoRAs by content, scheduler, steps, guidance, size, dtype, device type, prompt, seed), so
+a rerun of the same command skips what is written and a different command never overwrites it. A killed run
+loses at most the batch in flight. `compare` (engines/compare.py) shares the loading, LoRA and batch functions.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from lcmtool import __version__
@@ -22,10 +30,14 @@ from lcmtool.engines.inputs import (
     parse_loras,
     read_prompts,
 )
+from lcmtool.engines.shard import Shard, shard_for
 from lcmtool.errors import LcmError
 from lcmtool.models.load import resolve_model
 from lcmtool.models.schedulers import LCM_ORIGINAL_STEPS, SAMPLER_NAMES, make_scheduler, pinned_config
 from lcmtool.options import SampleConfig  # every option is declared once, in lcmtool/options.py
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every complete PNG
+
 
 # ---- model, LoRAs ----
 
@@ -71,9 +83,9 @@ def check_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]]) ->
 
 
 def apply_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], fuse: bool,
-                files: list | None = None) -> list[dict]:
+                files: list | None = None, sha: list[str] | None = None) -> list[dict]:
     """Load, check and apply LoRAs (fused by default); returns their records for the PNG metadata.
-    `files`: what `check_loras` returned for these `loras`, so that they are not read and checked again."""
+    `files`: what `check_loras` returned for these `loras`, `sha`: their sha256, so nothing is read twice."""
     if not loras:
         return []
     from lcmtool.fileio import sha256_file
@@ -91,39 +103,47 @@ def apply_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], fu
             pipe.set_adapters(names, [w for _, w in loras])
         except (ValueError, KeyError, RuntimeError) as e:
             raise LcmError(f"diffusers could not load the LoRA unfused: {str(e).splitlines()[0][:200]}") from None
-    return [{"path": str(p), "weight": w, "sha256": sha256_file(p), "format": lf.format}
-            for (p, w), (lf, _) in zip(loras, files, strict=True)]
+    sha = sha or [sha256_file(p) for p, _ in loras]
+    return [{"path": str(p), "weight": w, "sha256": h, "format": lf.format}
+            for (p, w), h, (lf, _) in zip(loras, sha, files, strict=True)]
 
 
-# ---- one batch ----
+# ---- batches ----
 
-def generate(pipe, jobs: list[Job], scheduler: str, steps: int, guidance: float, height: int, width: int,
-             device: str, timesteps: list[int] | None = None, gamma: float = 0.3, **extra):
-    """One pipeline call for `jobs` with the scheduler already on `pipe`; -> (PIL images, ms for the batch)."""
-    import torch
-
-    gens = [torch.Generator(device=device).manual_seed(j.seed) for j in jobs]
-    kw = dict(prompt=[j.prompt for j in jobs], height=height, width=width, guidance_scale=guidance,
-              generator=gens, output_type="pil", **extra)
-    if guidance > 1 and any(j.negative_prompt for j in jobs):  # None keeps SDXL's zeros for an empty negative
-        kw["negative_prompt"] = [j.negative_prompt for j in jobs]
-    if timesteps:
-        kw["timesteps"] = list(timesteps)
-    else:
-        kw["num_inference_steps"] = steps
-    if scheduler == "tcd":
-        kw["eta"] = gamma
-    t0 = time.perf_counter()
-    images = pipe(**kw).images  # output_type "pil" copies to the host: the batch is finished on return
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    return images, (time.perf_counter() - t0) * 1000
-
-
-def set_scheduler(pipe, base_config: dict, name: str, steps: int, timestep_spacing: str) -> None:
+def set_scheduler(pipe, base_config: dict, name: str, steps: int, timestep_spacing: str):
+    """Put the pinned scheduler `name` on `pipe` (LCM/TCD: original steps stretched to `steps` if more); -> it."""
     orig = max(LCM_ORIGINAL_STEPS, steps) if name in ("lcm", "tcd") else None
     pipe.scheduler = make_scheduler(name, base_config, timestep_spacing=timestep_spacing,
                                     original_inference_steps=orig)
+    return pipe.scheduler
+
+
+def sampler_of(pipe, **kw):
+    """The FastSampler kept on `pipe` (made on first use; `kw` as FastSampler's). Callers that change the UNet's
+    weights in place between calls leave fuse_qkv off or call `weights_changed()`."""
+    from lcmtool.models.pipeline import FastSampler
+
+    s = getattr(pipe, "_lcmtool_sampler", None)
+    if s is None:
+        s = FastSampler(pipe, **{"fuse_qkv": False, **kw})
+        pipe._lcmtool_sampler = s
+    return s
+
+
+def generate(pipe, jobs: list[Job], scheduler: str, steps: int, guidance: float, height: int, width: int,
+             device: str, timesteps: list[int] | None = None, gamma: float = 0.3, sampler=None):
+    """One batch of `jobs` with the scheduler on `pipe`, through lcmtool's loop; -> (PIL images, ms for the batch).
+    The negative prompt counts only at guidance > 1 (no CFG pass otherwise)."""
+    import torch
+
+    sampler = sampler or sampler_of(pipe)
+    negatives = [j.negative_prompt if guidance > 1 else "" for j in jobs]
+    t0 = time.perf_counter()
+    images = sampler([j.prompt for j in jobs], negatives, [j.seed for j in jobs], pipe.scheduler, steps, guidance,
+                     height, width, timesteps=timesteps, eta=gamma if scheduler == "tcd" else None)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return images, (time.perf_counter() - t0) * 1000
 
 
 def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -136,15 +156,23 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return h, w
 
 
-def _next_index(out: Path) -> int:
-    idx = [int(p.name.split("-", 1)[0]) for p in out.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
-    return max(idx, default=-1) + 1
+# ---- the command ----
+
+@dataclass
+class Plan:
+    """What `sample` will make, checked before any model loads."""
+    jobs: list[Job]
+    steps: int
+    guidance: float
+    loras: list[tuple[str, float]]
+    sha: list[str]              # the LoRAs' sha256 (names, metadata)
+    out: Path
+    request: dict               # what sets the pixels, besides prompt and seed
 
 
-def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
-    """`lcmtool sample`: images for every prompt x num_images; returns one record per PNG written."""
-    from lcmtool.config import write_resolved
-    from lcmtool.outputs.png import save_png
+def plan(cfg: SampleConfig, device: str) -> Plan:
+    from lcmtool.fileio import sha256_file
+    from lcmtool.models.load import resolve_dtype
 
     if cfg.batch_size < 1:
         raise LcmError(f"--batch-size must be >= 1, got {cfg.batch_size}")
@@ -158,44 +186,128 @@ def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, pr
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise LcmError(f"--out {cfg.out} is a file; sample writes into a folder")
+    sha = [sha256_file(p) for p, _ in loras]
+    distilled = cfg.scheduler in ("lcm", "tcd")
+    request = dict(model=cfg.model, model_config=cfg.model_config, tokenizer=cfg.tokenizer,
+                   loras=[[h, w] for h, (_, w) in zip(sha, loras, strict=True)], fuse=cfg.fuse,
+                   scheduler=cfg.scheduler, steps=steps, timesteps=cfg.timesteps, guidance=guidance,
+                   gamma=cfg.gamma if cfg.scheduler == "tcd" else None,
+                   spacing=None if distilled else cfg.timestep_spacing, height=cfg.height, width=cfg.width,
+                   dtype=str(resolve_dtype(cfg.dtype, device)), device="cuda" if device.startswith("cuda") else "cpu")
+    return Plan(jobs, steps, guidance, loras, sha, out, request)
 
-    pipe, family, device, load_ms = load(cfg.model, cfg.device, cfg.dtype, cfg.model_config, cfg.tokenizer)
+
+def image_path(p: Plan, job: Job) -> Path:
+    """`<prompt index>-<seed>-<digest of everything that sets the pixels>.png`."""
+    neg = job.negative_prompt if p.guidance > 1 else ""
+    key = json.dumps([p.request, job.prompt, neg, job.seed], sort_keys=True, default=str)
+    return p.out / f"{job.index:05d}-{job.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.png"
+
+
+def is_complete(path: Path) -> bool:
+    """A PNG written whole (atomic writes publish only complete files; the end chunk says so too)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-len(PNG_END), 2)
+            return f.read() == PNG_END
+    except OSError:
+        return False
+
+
+def _record(p: Plan, job: Job, path: Path, cfg: SampleConfig, **timing) -> dict:
+    return {"path": str(path), "prompt": job.prompt, "seed": job.seed, "scheduler": cfg.scheduler,
+            "steps": p.steps, "guidance": p.guidance, "width": cfg.width, "height": cfg.height, **timing}
+
+
+def _resolve_compile(cfg: SampleConfig, device: str) -> bool:
+    from lcmtool.models.pipeline import compile_by_default
+
+    value = getattr(cfg, "compile", None)
+    return compile_by_default(device) if value is None else bool(value)
+
+
+def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
+    """`lcmtool sample`: images for every prompt x num_images; returns one record per PNG (skipped: true for
+    those a previous run wrote). Under a launcher each rank makes its share; rank 0 gets every record."""
+    from lcmtool.models.load import resolve_device
+
+    shard = shard_for(cfg.device)
+    device = shard.device or resolve_device(cfg.device)
+    p = plan(cfg, device)
+    mine = shard.split(p.jobs)
+    written = [is_complete(image_path(p, j)) for j in mine]
+    todo = [j for j, w in zip(mine, written, strict=True) if not w]
+    skipped = [_record(p, j, image_path(p, j), cfg, ms_per_image=0.0, batch_ms=0.0, batch_size=0, load_ms=0.0,
+                       skipped=True) for j, w in zip(mine, written, strict=True) if w]
+    records = _emit(shard, skipped, on_image)
+    n_batches = shard.most(-(-len(todo) // cfg.batch_size))
+    if n_batches:
+        records += _sample_jobs(cfg, p, shard, device, todo, n_batches, on_image, progress)
+    if shard.main:
+        from lcmtool.config import write_resolved
+
+        p.out.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, p.out / "sample.yaml")
+    shard.done()
+    return records
+
+
+def _emit(shard: Shard, records: list[dict], on_image) -> list[dict]:
+    """Every rank's records to rank 0 (a collective), which hands them to `on_image`; -> this rank's share."""
+    every = shard.gather(records)
+    if shard.main and on_image:
+        for rec in every:
+            on_image(rec)
+    return every if shard.main else records
+
+
+def _sample_jobs(cfg: SampleConfig, p: Plan, shard: Shard, device: str, todo: list[Job], n_batches: int,
+                 on_image, progress: bool) -> list[dict]:
+    """Load once (ranks with nothing to do skip it), then `n_batches` rounds of one batch and one gather each."""
+    from lcmtool.outputs.png import save_png
+
+    ctx = _setup(cfg, p, device, len(todo)) if todo else None
+    records: list[dict] = []
+    with _progress(progress and shard.main) as bar:
+        task = bar.add_task("sample", total=len(todo))
+        for b in range(n_batches):
+            batch = todo[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            recs = []
+            if batch:
+                images, ms = generate(ctx["pipe"], batch, cfg.scheduler, p.steps, p.guidance, ctx["height"],
+                                      ctx["width"], device, cfg.timesteps, cfg.gamma, sampler=ctx["sampler"])
+                timesteps = ctx["pipe"].scheduler._host_timesteps.tolist()  # the schedule this call ran
+                for job, im in zip(batch, images, strict=True):
+                    path = image_path(p, job)
+                    meta = dict(ctx["meta"], prompt=job.prompt, seed=job.seed, timesteps=timesteps,
+                                negative_prompt=job.negative_prompt if p.guidance > 1 else "")
+                    save_png(im, path, meta)
+                    recs.append(dict(_record(p, job, path, cfg), width=ctx["width"], height=ctx["height"],
+                                     ms_per_image=round(ms / len(batch), 2), batch_ms=round(ms, 2),
+                                     batch_size=len(batch), load_ms=round(ctx["load_ms"], 1), skipped=False))
+            records += _emit(shard, recs, on_image)
+            bar.advance(task, len(batch))
+    return records
+
+
+def _setup(cfg: SampleConfig, p: Plan, device: str, n: int) -> dict:
+    """Model, LoRAs, scheduler, the loop and the metadata every PNG of this run shares."""
+    from lcmtool.models.pipeline import FastSampler
+
+    pipe, family, device, load_ms = load(cfg.model, device, cfg.dtype, cfg.model_config, cfg.tokenizer)
     base_config = dict(pipe.scheduler.config)
     height, width = image_size(pipe, cfg.height, cfg.width)
-    lora_meta = apply_loras(pipe, family, cfg.model, loras, cfg.fuse)
-    set_scheduler(pipe, base_config, cfg.scheduler, steps, cfg.timestep_spacing)
+    lora_meta = apply_loras(pipe, family, cfg.model, p.loras, cfg.fuse, sha=p.sha)
+    set_scheduler(pipe, base_config, cfg.scheduler, p.steps, cfg.timestep_spacing)
     sched_cfg = pinned_config(cfg.scheduler, base_config, timestep_spacing=cfg.timestep_spacing)
-
-    index = _next_index(out) if out.is_dir() else 0
-    records: list[dict] = []
-    run_meta = dict(model=cfg.model, family=family, loras=lora_meta, fused=cfg.fuse, scheduler=cfg.scheduler,
-                    sampler=SAMPLER_NAMES[cfg.scheduler], steps=steps, guidance=guidance,
-                    gamma=cfg.gamma if cfg.scheduler == "tcd" else None, width=width, height=height,
-                    device=device, dtype=str(pipe.unet.dtype).replace("torch.", ""),
-                    scheduler_config=sched_cfg, version=__version__)
-    with _progress(progress) as bar:
-        task = bar.add_task("sample", total=len(jobs))
-        for b in range(0, len(jobs), cfg.batch_size):
-            batch = jobs[b:b + cfg.batch_size]
-            images, ms = generate(pipe, batch, cfg.scheduler, steps, guidance, height, width, device,
-                                  cfg.timesteps, cfg.gamma)
-            timesteps = pipe.scheduler._host_timesteps.tolist()  # the schedule this call ran
-            for job, im in zip(batch, images, strict=True):
-                meta = dict(run_meta, prompt=job.prompt, negative_prompt=job.negative_prompt if guidance > 1 else "",
-                            seed=job.seed, timesteps=timesteps)
-                path = out / f"{index:05d}-{job.seed}.png"
-                index += 1
-                save_png(im, path, meta)
-                rec = {"path": str(path), "prompt": job.prompt, "seed": job.seed, "scheduler": cfg.scheduler,
-                       "steps": steps, "guidance": guidance, "width": width, "height": height,
-                       "ms_per_image": round(ms / len(batch), 2), "batch_ms": round(ms, 2), "batch_size": len(batch),
-                       "load_ms": round(load_ms, 1)}
-                records.append(rec)
-                if on_image:
-                    on_image(rec)
-            bar.advance(task, len(batch))
-    write_resolved(cfg, out / "sample.yaml")
-    return records
+    sampler = FastSampler(pipe, compile=_resolve_compile(cfg, device))
+    sampler.static_batch = min(cfg.batch_size, n)
+    meta = dict(model=cfg.model, family=family, loras=lora_meta, fused=cfg.fuse, scheduler=cfg.scheduler,
+                sampler=SAMPLER_NAMES[cfg.scheduler], steps=p.steps, guidance=p.guidance,
+                gamma=cfg.gamma if cfg.scheduler == "tcd" else None, width=width, height=height,
+                device=device, dtype=str(pipe.unet.dtype).replace("torch.", ""),
+                scheduler_config=sched_cfg, version=__version__)
+    return dict(pipe=pipe, sampler=sampler, height=height, width=width, load_ms=load_ms, meta=meta)
 
 
 def _progress(enabled: bool):

@@ -347,8 +347,9 @@ def _save_folder_atomic(pipe, out: Path, record: dict) -> None:
 
 
 def _scrub_configs(folder: Path) -> None:
-    """diffusers writes the folder a model was loaded from as `_name_or_path`: no local folder leaves with it."""
-    for f in folder.glob("*/config.json"):
+    """diffusers writes the folder a model was loaded from as `_name_or_path` (model_index.json and each
+    component's config.json): no local folder leaves with it."""
+    for f in [folder / "model_index.json", *folder.glob("*/config.json")]:
         cfg = json.loads(f.read_text())
         if "_name_or_path" in cfg and Path(str(cfg["_name_or_path"])).expanduser().is_absolute():
             del cfg["_name_or_path"]

@@ -4,16 +4,20 @@
 (no memory, exact names and weight shapes) and lists every Linear / Conv2d weight under its canonical path
 (`down_blocks.0...`, `text_encoder.text_model.encoder...`); `folder_shapes(folder)` does the same from a diffusers
 pipeline folder's configs. `misfits` says which LoRA modules are unknown there and which change a weight of
-another shape. Built once per family or folder.
+another shape. Built once per family (and kept on disk) or folder.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
+from lcmtool.errors import LcmError
+from lcmtool.fileio import atomic_write_json
 from lcmtool.lora import formats
 from lcmtool.lora.io import FAMILIES, LoraModule
 from lcmtool.lora.math import comparable
@@ -47,15 +51,40 @@ def _shapes(folder: Path) -> dict[str, tuple]:
     return out
 
 
+def _cache_file(family: str) -> Path:
+    """Where the family's table is kept between runs: keyed by the preset configs and the diffusers and
+    transformers versions that built it ($LCMTOOL_CACHE, else ~/.cache/lcmtool)."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(json.dumps([family, version("diffusers"), version("transformers")]).encode())
+    for f in sorted((PRESETS / family).glob("*/config.json")):
+        h.update(f.read_bytes())
+    root = Path(os.environ.get("LCMTOOL_CACHE") or Path.home() / ".cache" / "lcmtool")
+    return root / "modules" / f"{family}-{h.hexdigest()[:16]}.json"
+
+
 @functools.lru_cache(maxsize=8)
 def family_shapes(family: str) -> dict[str, tuple]:
-    """canonical module path -> weight shape of every Linear / Conv2d of the family's UNet and text encoders."""
+    """canonical module path -> weight shape of every Linear / Conv2d of the family's UNet and text encoders.
+
+    Building the meta models costs seconds (importing diffusers and transformers included), so the table is kept
+    on disk once built; an unreadable or unwritable cache only means building it again."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family '{family}'")
+    cache = _cache_file(family)
+    try:
+        return {k: tuple(v) for k, v in json.loads(cache.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        pass
     from lcmtool.models.load import quiet_libraries
 
     quiet_libraries()
-    return _shapes(PRESETS / family)
+    shapes = _shapes(PRESETS / family)
+    try:
+        atomic_write_json(cache, shapes)
+    except (OSError, LcmError):  # fileio words environment errors (read-only home, full disk) as LcmError
+        pass
+    return shapes
 
 
 @functools.lru_cache(maxsize=8)

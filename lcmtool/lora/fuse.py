@@ -12,7 +12,7 @@ import torch
 
 from lcmtool.errors import LcmError
 from lcmtool.lora import math as M
-from lcmtool.lora.io import LoraFile
+from lcmtool.lora.io import LoraFile, all_finite
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _TEXT_MODEL = "text_model."
@@ -60,7 +60,7 @@ def fuse_terms(root: torch.nn.Module, terms: dict[str, list[M.Term]], prefix: st
             raise LcmError(f"LoRA module '{path}' changes a {list(d.shape)} weight but the model's is "
                            f"{list(weight.shape)}")
         new = weight.float() + d.reshape(weight.shape).to(weight.device)
-        if not torch.isfinite(new).all():
+        if not all_finite(new):
             raise LcmError(f"fusing LoRA module '{path}' gives inf/NaN weights")
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype))
@@ -101,6 +101,6 @@ def nonfinite_module(pipe, paths) -> str | None:
         root, sub = (getattr(pipe, head, None), rest) if head in TEXT_ENCODERS else (pipe.unet, path)
         mod = find_submodule(root, sub) if root is not None else None
         weight = getattr(mod, "weight", None)
-        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+        if isinstance(weight, torch.Tensor) and not all_finite(weight):
             return path
     return None

@@ -43,3 +43,14 @@ def dead_pid() -> int:
         os.kill(p.pid, 0)
         pytest.skip("the pid was reused at once")
     return p.pid
+
+
+def pytest_collection_modifyitems(config, items):
+    """The suite's `slow` trials (more kills, fuzz cases and bad inputs) run only when asked: `-m slow` (or any -m)."""
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow reliability trial: run with -m slow")
+    here = Path(__file__).parent
+    for item in items:
+        if "slow" in item.keywords and here in Path(str(item.fspath)).parents:
+            item.add_marker(skip)

@@ -38,6 +38,7 @@ class Case:
 
 
 P = "a large red circle on the left"
+FILE_BYTES = b"a regular file\n"
 S = ["--prompt", P, "--out", "{out}"]             # a sample that would work
 C = ["--prompt", P, "--out", "{out}.png", "--runs", "lcm:1"]
 M = ["--style", "{style}", "--lcm", "{sd_lora}", "--out", "{out}.safetensors"]
@@ -248,7 +249,7 @@ def _distill() -> list[Case]:
         ("checkpoint_every", "-1", "must be >= 0"), ("num_ddim_timesteps", "0", "must be >= 1"),
         ("num_ddim_timesteps", "7", "divide"),
         ("max_steps", "0", "must be >= 1"), ("batch_size", "0", "must be >= 1"), ("grad_accum", "0", ">= 1"),
-        ("lora_rank", "0", "must be >= 1"), ("lora_alpha", "inf", "finite"), ("lora_alpha", "0", "must be > 0"),
+        ("lora_rank", "-1", "must be >= 0"), ("lora_alpha", "inf", "finite"), ("lora_alpha", "0", "must be > 0"),
         ("conv_rank", "-1", "must be >= 0"), ("w_min", "nan", "finite"), ("w_max", "-inf", "finite"),
         ("w_min", "20", "w_min <= w_max"), ("huber_c", "0", "must be > 0"), ("timestep_scaling", "nan", "finite"),
         ("ema_decay", "1", "must be < 1"), ("ema_decay", "-0.5", ">= 0"), ("adam_beta1", "1.5", "must be < 1"),
@@ -264,6 +265,9 @@ def _distill() -> list[Case]:
         ("device", "cuda:9", "cuda"), ("center_crop", "maybe", "expected true or false"),
         ("gradient_checkpointing", "2", "expected true or false"), ("validation_seed", "1e99", "integer"),
         ("cache_dir", "{file}", "is a file"), ("conv_alpha", "-1", ">= 0"), ("name", "[a, b]", "expected a string"),
+        ("extract_rank", "-1", ">= 0"), ("extract_rank", "4", "extract_rank is for full LCD"),
+        ("lr_schedule", "linear", "not one of"), ("eval_every", "-1", ">= 0"), ("eval_images", "1", ">= 2"),
+        ("init_lora", "{missing}", "file not found"), ("eval_prompts", "{missing}", "cannot read it"),
     ]:
         c.append(Case("distill", f"--set {key}", val, D + ["--model", "{teacher}", "--set", f"{key}={val}"], msg,
                       slow=key in ("num_ddim_timesteps", "resolution", "target_modules", "validation_prompts",
@@ -357,7 +361,7 @@ def build_workspace(root: Path) -> dict:
           "missing": str(root / "no-such-file"), "missing_ckpt": str(root / "no-such.safetensors"),
           "cache": str(root / "cache")}
     files = {"empty": b"", "blank": b"\n   \n\t\n", "binary": bytes(range(256)) * 8,
-             "file": b"a regular file\n", "badjsonl": b'{"prompt": "a", \n',
+             "file": FILE_BYTES, "badjsonl": b'{"prompt": "a", \n',
              "badseed": b'{"prompt": "a", "seed": "x"}\n',
              "yaml_unknown": b"no_such_key: 1\n", "yaml_type": b"steps: four\n", "yaml_bad": b"steps: [1\n",
              "yaml_list": b"- a\n- b\n", "yaml_type_d": b"checkpoint_every: often\n",
@@ -424,24 +428,24 @@ def run_case(case: Case, ws: dict, out: str) -> tuple[int, str, list[str]]:
 
 def verdict(case: Case, ws: dict, out: str, code: int, errors: list[str]) -> str | None:
     """None when the case was refused as it must be (exit 2, one error line holding the fragment, nothing
-    written), else what went wrong."""
+    written: the output path does not exist, the workspace's file and folders are as they were), else what went
+    wrong."""
     if code != 2:
         return f"exit {code}, not 2"
     if len(errors) != 1:
         return f"{len(errors)} error lines"
     if fill(case.expect, ws, out).lower() not in errors[0].lower():
         return f"the error line lacks {case.expect!r}"
+    if Path(ws["file"]).read_bytes() != FILE_BYTES:
+        return f"overwrote {ws['file']}"
+    for k in ("dir", "dirpng", "ro"):
+        if k in ws and os.listdir(ws[k]):
+            return f"wrote into {ws[k]}: {os.listdir(ws[k])}"
     target = Path(fill(case.out, ws, out)) if case.out else None
-    if target is not None and target.is_dir() and target != Path(fill("{file}", ws, out)):
-        if any(target.iterdir()):
-            return f"wrote into {target}"
-    elif target is not None and target.exists() and not target.is_file():
+    if target is not None and target != Path(ws["file"]) and (target.exists() or target.is_symlink()):
         return f"created {target}"
-    if target is not None and target.is_file() and target == Path(ws["file"]):
-        if target.read_bytes() != b"a regular file\n":
-            return "overwrote the existing file"
-    elif target is not None and target.exists() and not str(target).startswith(ws["dir"]):
-        return f"created {target}"
+    for p in Path(out).parent.glob(Path(out).name + "*"):
+        return f"created {p}"
     return None
 
 

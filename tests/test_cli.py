@@ -154,3 +154,59 @@ def test_list_flag_item_that_is_not_yaml_stays_a_string():
 
     with pytest.raises(LcmError, match=r"steps\[1\]"):
         resolve(L, None, {"steps": "1,["}, None)
+
+
+def test_bounds_declared_once_with_opt():
+    """opt(..., min=, max=, gt=, lt=) bound a number (each item of a list); floats must be finite unless the field
+    says finite=False; lists hold at least min_items; the message names the key (and the flag of a CLI option)."""
+    from lcmtool.config import opt
+
+    @dataclass
+    class B:
+        steps: int = opt(4, "Steps.", min=1, max=1000)
+        lr: float = opt(1e-4, gt=0, lt=1)
+        w: float = opt(1.0, finite=False)
+        ts: list[int] = opt([1], min=0, max=999, min_items=1)
+
+    assert resolve(B, None, {}, ["w=.inf", "ts=5", "steps=1000", "lr=0.5"]) == B(1000, 0.5, float("inf"), [5])
+    for sets, needle in [(["steps=0"], r"config key 'steps' \(--steps\): must be >= 1, got 0"),
+                         (["steps=1001"], "must be <= 1000"), (["lr=0"], r"config key 'lr': must be > 0"),
+                         (["lr=1"], "must be < 1"), (["lr=nan"], "must be a finite number, got nan"),
+                         (["lr=-.inf"], "finite"), (["ts=[3, 1000]"], r"ts\[1\]': must be <= 999"),
+                         (["ts=[]"], "at least 1 item")]:
+        with pytest.raises(LcmError, match=needle):
+            resolve(B, None, {}, sets)
+
+
+def test_scalar_for_a_list_field_is_a_one_item_list():
+    """`--set validation_steps=1` means [1] (issue 18 item 9)."""
+    from lcmtool.options import DistillConfig
+
+    assert resolve(DistillConfig, None, {}, ["validation_steps=1"]).validation_steps == [1]
+    assert resolve(DistillConfig, None, {}, ["validation_steps=1,2"]).validation_steps == [1, 2]
+
+
+def test_machine_errors_that_escape_a_writer_are_one_line_exit_2(tmp_path, capsys):
+    """An OSError of the machine's (here: a file where the run folder should be) is exit 2 and one line naming
+    the path, not an internal error."""
+    import errno
+    import os
+
+    import typer
+
+    import lcmtool.cli as cli
+
+    @cli.handled
+    def mkdir_under_a_file(debug=False):
+        (tmp_path / "f").write_text("")
+        os.makedirs(tmp_path / "f" / "run")
+
+    @cli.handled
+    def full(debug=False):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
+
+    for fn, needle in ((mkdir_under_a_file, "is a file where a folder is needed"), (full, "no space left")):
+        with pytest.raises(typer.Exit) as e:
+            fn()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.exit_code == 2 and len(lines) == 1 and needle in lines[0] and str(tmp_path) in lines[0], lines

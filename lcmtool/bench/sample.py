@@ -1,10 +1,11 @@
 """`bench_sample()`: plain diffusers (as its docs show) vs lcmtool's sampling loop, same run, same device, same inputs.
 
 Plain diffusers: the pipeline call with LCMScheduler.from_config, the LoRA as a peft adapter via `load_lora_weights`
-(unfused), then `fuse_lora()`; DPM-Solver++ 25 steps CFG 7.5 on the teacher. lcmtool: `FastSampler` (engines'
-loop: pinned no-sync schedulers, LoRA fused by lcmtool, fused QKV, channels_last on CUDA), eager and, where asked
-(default: CUDA), torch.compiled. Text is encoded on every call on both paths (lcmtool's prompt cache is cleared),
-so the rows compare the same work.
+(unfused), then `fuse_lora()`; DPM-Solver++ 25 steps CFG 7.5 on the teacher. lcmtool: `FastSampler` (the engines'
+loop: pinned no-sync schedulers, LoRA fused by lcmtool, fused QKV, channels_last on CUDA) on its own copy of the
+UNet and VAE, eager and, where asked (default: CUDA), torch.compiled. The paths of one case run in alternation,
+round after round (medians), so that a machine whose load changes (a shared CPU) charges them alike. Text is
+encoded on every call on both paths (lcmtool's prompt cache is cleared), so the rows compare the same work.
 
 Every row: ms/image (end to end: text, denoising, VAE decode, PIL images), images/s, peak memory (CUDA), compile
 time, ratio to plain diffusers, fraction of the FLOP bound (CUDA, at PEAK_TFLOPS), and `outputs_match` /
@@ -19,6 +20,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from lcmtool.errors import LcmError
 
 PROMPT = "a large red circle on the left"
 TOLERANCE = {"float32": 2e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |latent difference| counted as a match
@@ -62,65 +65,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device: str, n: int, warm: int) -> float:
+def _rounds(fns: dict, device: str, n: int, warm: int) -> dict[str, float]:
+    """Median ms per call of each callable, the callables taking turns `n` rounds long (after `warm` rounds)."""
     for _ in range(warm):
-        fn()
-    ts = []
+        for fn in fns.values():
+            fn()
+    ts: dict[str, list] = {k: [] for k in fns}
     for _ in range(n):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append((time.perf_counter() - t) * 1000)
-    return statistics.median(ts)
-
-
-class _Bench:
-    """One model on one device; `row(...)` times a callable and compares its final latents with a reference."""
-
-    def __init__(self, pipe, model: str, family: str, device: str, h: int, w: int, n: int, warm: int, log):
-        import torch
-
-        self.pipe, self.device, self.h, self.w, self.n, self.warm, self.log = pipe, device, h, w, n, warm, log
-        self.dtype = str(pipe.unet.dtype).replace("torch.", "")
-        self.cuda = device.startswith("cuda")
-        gpu = torch.cuda.get_device_name() if self.cuda else None
-        peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
-        self.peak = peak * 1e12 if peak else None
-        self.common = {"model": model, "family": family, "device": device, "gpu": gpu, "dtype": self.dtype,
-                       "size": f"{w}x{h}", "torch": torch.__version__, "tolerance": TOLERANCE[self.dtype]}
-        self.refs: dict = {}
-        self.flops: dict = {}
-
-    def row(self, case: str, path: str, batch: int, run, latents, ref: str, baseline_ms: float | None = None,
-            compile_s: float | None = None, flops_fn=None) -> dict:
-        """Time `run()` (one call = `batch` images), compare `latents()` with the reference latents `ref`."""
-        import torch
-
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        lat = latents().float()
-        if ref not in self.refs:
-            self.refs[ref] = lat
-        diff = float((lat - self.refs[ref]).abs().max()) if lat.shape == self.refs[ref].shape else float("inf")
-        ms = _median_ms(run, self.device, self.n, self.warm) / batch
-        row = dict(self.common, case=case, path=path, batch=batch, ms_per_image=round(ms, 2),
-                   images_per_s=round(1000 / ms, 2), compile_s=None if compile_s is None else round(compile_s, 1),
-                   peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if self.cuda else None,
-                   speedup_vs_diffusers=round(baseline_ms / ms, 3) if baseline_ms else None,
-                   max_abs_diff=diff, outputs_match=bool(diff <= TOLERANCE[self.dtype]), flop_bound_fraction=None)
-        if self.peak and flops_fn is not None:
-            if case not in self.flops:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                with FlopCounterMode(display=False) as fc:
-                    flops_fn()
-                self.flops[case] = fc.get_total_flops() / batch
-            row["flop_bound_fraction"] = round(self.flops[case] / self.peak * 1000 / ms, 3)
-        self.log(f"{case:>16} b{batch:<3} {path:<28} {ms:9.2f} ms/img  {row['images_per_s']:8.2f} img/s  "
-                 f"x{row['speedup_vs_diffusers'] or 1:<6} match {row['outputs_match']} ({diff:.2e})"
-                 + (f"  compile {row['compile_s']} s" if compile_s is not None else ""))
-        return row
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            ts[k].append((time.perf_counter() - t) * 1000)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def _plain(pipe, device: str, batch: int, steps: int, g: float, h: int, w: int, output: str = "pil"):
@@ -133,11 +91,15 @@ def _plain(pipe, device: str, batch: int, steps: int, g: float, h: int, w: int, 
     return call
 
 
-def _ours(sampler, sched_fn, batch: int, steps: int, g: float, h: int, w: int, output: str = "pil"):
+def _ours(sampler, base: dict, name: str, batch: int, steps: int, g: float, h: int, w: int, output: str = "pil"):
+    from lcmtool.models.schedulers import LCM_ORIGINAL_STEPS, make_scheduler
+
+    orig = LCM_ORIGINAL_STEPS if name in ("lcm", "tcd") else None
+
     def call():
         sampler._text.clear()  # encode the prompt on every call, as the pipeline does
-        return sampler([PROMPT] * batch, [""] * batch, list(range(batch)), sched_fn(), steps, g, h, w,
-                       output=output)
+        sched = make_scheduler(name, base, timestep_spacing="leading", original_inference_steps=orig)
+        return sampler([PROMPT] * batch, [""] * batch, list(range(batch)), sched, steps, g, h, w, output=output)
     return call
 
 
@@ -146,8 +108,24 @@ def _load(model: str, dev: str, dt):
 
     if model.startswith("random:"):
         family = model.split(":", 1)[1]
+        if family not in ("sd15", "sdxl", "ssd1b"):
+            raise LcmError(f"unknown model family '{family}' (known: sd15, sdxl, ssd1b)")
         return random_pipeline(family, dev, dt), family
     return load_pipeline(model, dt, dev)
+
+
+def _twin(pipe):
+    """The same pipeline with its own UNet, VAE and text encoders (lcmtool fuses, fuses QKV and compiles those)."""
+    import copy
+
+    comps = dict(pipe.components)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # a LoRA may change the text encoders too
+        if comps.get(name) is not None:
+            comps[name] = copy.deepcopy(comps[name])
+    extra = {"requires_safety_checker": False} if "safety_checker" in comps else {}
+    twin = type(pipe)(**comps, **extra)
+    twin.set_progress_bar_config(disable=True)
+    return twin
 
 
 def _lora_file(model: str, pipe, tmp: Path, lora: str | None) -> str:
@@ -163,101 +141,176 @@ def _lora_file(model: str, pipe, tmp: Path, lora: str | None) -> str:
     return lora
 
 
-def _diffusers_rows(B: _Bench, pipe, lora: str, base: dict, batches, dpm_steps: int) -> tuple[list[dict], dict]:
-    """Plain diffusers as the docs show it: DPM-Solver++ on the teacher; LCM with the peft adapter, then fused."""
-    from diffusers import DPMSolverMultistepScheduler, LCMScheduler
+class _Bench:
+    """Both paths on one model and device: cases are measured in rounds, final latents kept for the match check."""
 
-    dev, h, w = B.device, B.h, B.w
-    rows, base_ms = [], {}
-    dpm = f"dpmpp{dpm_steps}_cfg7.5"
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++")
-    rows.append(B.row(dpm, "diffusers", 1, _plain(pipe, dev, 1, dpm_steps, 7.5, h, w),
-                      _plain(pipe, dev, 1, dpm_steps, 7.5, h, w, "latent"), ref=dpm,
-                      flops_fn=_plain(pipe, dev, 1, dpm_steps, 7.5, h, w)))
-    base_ms[dpm, 1] = rows[-1]["ms_per_image"]
-    pipe.scheduler = LCMScheduler.from_config(base)
-    teacher = {k: v.detach().to("cpu", copy=True) for k, v in pipe.unet.state_dict().items()}
-    pipe.load_lora_weights(lora, adapter_name="lcm")
-    rows.append(B.row("lcm4", "diffusers_lora_unfused", 1, _plain(pipe, dev, 1, 4, 1.0, h, w),
-                      _plain(pipe, dev, 1, 4, 1.0, h, w, "latent"), ref="lcm4_b1"))
-    pipe.fuse_lora()
-    for b in batches:
-        rows.append(B.row("lcm4", "diffusers_lora_fused", b, _plain(pipe, dev, b, 4, 1.0, h, w),
-                          _plain(pipe, dev, b, 4, 1.0, h, w, "latent"), ref=f"lcm4_b{b}",
-                          flops_fn=_plain(pipe, dev, b, 4, 1.0, h, w)))
-        base_ms["lcm4", b] = rows[-1]["ms_per_image"]
-    rows[1]["speedup_vs_diffusers"] = round(base_ms["lcm4", 1] / rows[1]["ms_per_image"], 3)
-    pipe.unfuse_lora()
-    pipe.unload_lora_weights()
-    pipe.unet.load_state_dict(teacher)  # unfusing subtracts the delta again: not bit-exact in fp16
-    return rows, base_ms
+    def __init__(self, pipe, twin, model: str, family: str, device: str, h: int, w: int, n: int, warm: int,
+                 compile: bool, log):
+        import torch
 
+        from lcmtool.models.pipeline import FastSampler
 
-def _lcmtool_rows(B: _Bench, pipe, family: str, model: str, lora: str, base: dict, batches, dpm_steps: int,
-                  compile: bool, base_ms: dict) -> list[dict]:
-    """lcmtool's loop on the same weights: eager, then compiled (first call of each shape = compile time)."""
-    from lcmtool.engines.sample import apply_loras
-    from lcmtool.models.pipeline import FastSampler
-    from lcmtool.models.schedulers import make_scheduler
+        self.pipe, self.twin, self.device, self.h, self.w, self.n, self.warm, self.log = (
+            pipe, twin, device, h, w, n, warm, log)
+        self.base = dict(pipe.scheduler.config)
+        self.cuda = device.startswith("cuda")
+        self.eager = FastSampler(twin)
+        self.compiled = FastSampler(twin, compile=True, fuse_qkv=False) if compile else None  # eager fuses QKV
+        gpu = torch.cuda.get_device_name() if self.cuda else None
+        peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+        self.peak = peak * 1e12 if peak else None
+        dtype = str(pipe.unet.dtype).replace("torch.", "")
+        self.tol = TOLERANCE[dtype]
+        self.common = {"model": model, "family": family, "device": device, "gpu": gpu, "dtype": dtype,
+                       "size": f"{w}x{h}", "torch": torch.__version__, "tolerance": self.tol}
+        self.rows: list[dict] = []
+        self.latents: dict = {}
+        self.flops: dict = {}
 
-    h, w = B.h, B.w
-    s = FastSampler(pipe)
-    dpm = f"dpmpp{dpm_steps}_cfg7.5"
+    def weights_changed(self) -> None:
+        for s in (self.eager, self.compiled):
+            if s is not None:
+                s.weights_changed()
 
-    def sched(name, steps):
-        return lambda: make_scheduler(name, base, timestep_spacing="leading",
-                                      original_inference_steps=50 if name == "lcm" else None)
+    def case(self, case: str, batch: int, steps: int, g: float, diffusers: dict[str, str], ours: str) -> dict:
+        """Time diffusers' path(s) (name -> row path) against lcmtool's (scheduler `ours`) in alternation."""
+        h, w, dev = self.h, self.w, self.device
+        fns = {path: _plain(self.pipe, dev, batch, steps, g, h, w) for path in diffusers.values()}
+        lats = {path: _plain(self.pipe, dev, batch, steps, g, h, w, "latent") for path in diffusers.values()}
+        for path, s in (("lcmtool", self.eager), ("lcmtool_compiled", self.compiled)):
+            if s is None:
+                continue
+            fns[path] = _ours(s, self.base, ours, batch, steps, g, h, w)
+            lats[path] = _ours(s, self.base, ours, batch, steps, g, h, w, "latent")
+            fns[path]()  # the first call of a shape: the compile, for the compiled path
+        for path, fn in lats.items():
+            self.latents[case, path, batch] = fn().float()
+        ms = _rounds(fns, dev, self.n, self.warm)
+        if self.peak and case not in self.flops:
+            from torch.utils.flop_counter import FlopCounterMode
 
-    def measured(case, path, b, steps, g, name):
-        fn, lat = _ours(s, sched(name, steps), b, steps, g, h, w), _ours(s, sched(name, steps), b, steps, g, h, w,
-                                                                          "latent")
-        compile_s = None
-        if s.compile:  # the first call of this shape compiles; the steady call time is subtracted below
-            t0 = time.perf_counter()
-            fn()
-            _sync(B.device)
-            compile_s = time.perf_counter() - t0
-        row = B.row(case, path, b, fn, lat, ref=f"{case}_b{b}" if case == "lcm4" else case,
-                    baseline_ms=base_ms.get((case, b)), compile_s=compile_s, flops_fn=fn)
-        if compile_s is not None:
-            row["compile_s"] = round(compile_s - row["ms_per_image"] * b / 1000, 1)
-        return row
+            with FlopCounterMode(display=False) as fc:
+                fns[next(iter(diffusers.values()))]()
+            self.flops[case] = fc.get_total_flops() / batch
+        for path, t in ms.items():
+            row = dict(self.common, case=case, path=path, batch=batch, ms_per_image=round(t / batch, 2),
+                       images_per_s=round(1000 * batch / t, 2), peak_mem_gb=self._peak(fns[path], path),
+                       compile_s=self._compile_s(path, batch, g, ms_call=t),
+                       flop_bound_fraction=(round(self.flops[case] * batch / self.peak * 1000 / t, 3)
+                                            if case in self.flops else None))
+            self.rows.append(row)
+        return ms
 
-    rows = []
-    for compiled in ([False, True] if compile else [False]):
-        s.set_compile(compiled)
-        suffix = "_compiled" if compiled else ""
-        rows.append(measured(dpm, "lcmtool" + suffix, 1, dpm_steps, 7.5, "dpmpp"))
-    apply_loras(pipe, family, model, [(lora, 1.0)], fuse=True)
-    for compiled in ([False, True] if compile else [False]):
-        s.set_compile(compiled)
-        s.weights_changed()
-        suffix = "_compiled" if compiled else ""
-        for b in batches:
-            rows.append(measured("lcm4", "lcmtool" + suffix, b, 4, 1.0, "lcm"))
-    return rows
+    def _compile_s(self, path: str, batch: int, g: float, ms_call: float) -> float | None:
+        """Seconds the compiled path's graphs for this case took to compile (their first calls, less one call)."""
+        if path != "lcmtool_compiled":
+            return None
+        f, s = self.twin.vae_scale_factor, self.compiled
+        unet = s.compile_times.get((batch, self.h, self.w, g > 1), 0.0)
+        decode = s.compile_times.get(("decode", (batch, self.twin.unet.config.in_channels, self.h // f, self.w // f)),
+                                     0.0)
+        return round(max(0.0, unet + decode - ms_call / 1000), 1)
+
+    def _peak(self, fn, path: str) -> float | None:
+        """Peak GB of one call of `fn`, less the weights of the other path's copies."""
+        if not self.cuda:
+            return None
+        import torch
+
+        other = self.pipe if path.startswith("lcmtool") else self.twin
+        mods = [m for m in (other.unet, other.vae, other.text_encoder, getattr(other, "text_encoder_2", None)) if m]
+        other_bytes = sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        _sync(self.device)
+        return round((torch.cuda.max_memory_allocated() - other_bytes) / 2 ** 30, 2)
+
+    def finish(self, refs: dict[str, str]) -> list[dict]:
+        """Ratios to plain diffusers and the match check: each row's final latents vs its case's reference path."""
+        base = {(r["case"], r["batch"]): r["ms_per_image"] for r in self.rows if r["path"] == refs[r["case"]]}
+        for r in self.rows:
+            lat = self.latents[r["case"], r["path"], r["batch"]]
+            ref = self.latents[r["case"], refs[r["case"]], r["batch"]]
+            diff = float((lat - ref).abs().max()) if lat.shape == ref.shape else float("inf")
+            b = base.get((r["case"], r["batch"]))
+            r.update(reference=refs[r["case"]], max_abs_diff=diff, outputs_match=bool(diff <= self.tol),
+                     speedup_vs_diffusers=round(b / r["ms_per_image"], 3) if b else None)
+            self.log(f"{r['case']:>15} b{r['batch']:<3} {r['path']:<24} {r['ms_per_image']:9.2f} ms/img "
+                     f"{r['images_per_s']:8.2f} img/s  x{r['speedup_vs_diffusers'] or '-':<6} "
+                     f"match {r['outputs_match']} ({diff:.1e})"
+                     + (f"  compile {r['compile_s']} s" if r["compile_s"] is not None else "")
+                     + (f"  {r['peak_mem_gb']} GB" if r["peak_mem_gb"] is not None else "")
+                     + (f"  {r['flop_bound_fraction']:.1%} of FLOP bound" if r["flop_bound_fraction"] else ""))
+        return self.rows
 
 
 def bench_sample(model: str = "demo:sd", device: str = "auto", dtype: str = "auto", lora: str | None = None,
                  batches: tuple[int, ...] = (1, 16), height: int | None = None, width: int | None = None, n: int = 5,
-                 warm: int = 2, dpm_steps: int = 25, compile: bool | None = None, log=print) -> list[dict]:
-    """Rows of ms/image, images/s, memory, compile time, ratio and outputs_match, plain diffusers vs lcmtool."""
+                 warm: int = 1, dpm_steps: int = 25, compile: bool | None = None, log=print) -> list[dict]:
+    """Rows (one per case, batch and path) of ms/image, images/s, peak memory, compile time, ratio to plain
+    diffusers and outputs_match; cases: DPM-Solver++ `dpm_steps` CFG 7.5 (teacher; 0: skipped), LCM 4 steps (LoRA)
+    at each of `batches`. `compile` None: compiled rows where compiling pays by default (CUDA)."""
     import torch
 
+    from lcmtool.lora.fuse import fuse_into_pipeline
+    from lcmtool.lora.io import load_lora
     from lcmtool.models.load import quiet_libraries, resolve_device, resolve_dtype
     from lcmtool.models.pipeline import compile_by_default
 
     quiet_libraries()
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    pipe, family = _load(model, dev, dt)
-    base = dict(pipe.scheduler.config)
+    pipe, family = _load(model, dev, resolve_dtype(dtype, dev))
     h = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     w = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    compile = compile_by_default(dev) if compile is None else compile
+    B = _Bench(pipe, _twin(pipe), model, family, dev, h, w, n, warm,
+               compile_by_default(dev) if compile is None else compile, log)
+    dpm = f"dpmpp{dpm_steps}_cfg7.5"
     with tempfile.TemporaryDirectory(prefix="lcmtool-bench-") as tmp, torch.no_grad():
+        from diffusers import DPMSolverMultistepScheduler, LCMScheduler
+
         lora = _lora_file(model, pipe, Path(tmp), lora)
-        B = _Bench(pipe, model, family, dev, h, w, n, warm, log)
-        rows, base_ms = _diffusers_rows(B, pipe, lora, base, batches, dpm_steps)
-        rows += _lcmtool_rows(B, pipe, family, model, lora, base, batches, dpm_steps, compile, base_ms)
+        if dpm_steps:  # 0: the LCM cases only
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(B.base, algorithm_type="dpmsolver++")
+            B.case(dpm, 1, dpm_steps, 7.5, {"dpm": "diffusers"}, "dpmpp")
+        pipe.scheduler = LCMScheduler.from_config(B.base)
+        pipe.load_lora_weights(lora, adapter_name="lcm")  # the docs' way: a peft adapter, unfused
+        fuse_into_pipeline(B.twin, [(load_lora(lora), 1.0)])  # lcmtool's way (sample's fused path)
+        B.weights_changed()
+        unfused = B.case("lcm4", 1, 4, 1.0, {"unfused": "diffusers_lora_unfused"}, "lcm")
+        B.rows = [r for r in B.rows if not (r["case"] == "lcm4" and r["path"].startswith("lcmtool"))]
+        pipe.fuse_lora()  # then fused, as the docs show next
+        for b in batches:
+            B.case("lcm4", b, 4, 1.0, {"fused": "diffusers_lora_fused"}, "lcm")
+        rows = B.finish({dpm: "diffusers", "lcm4": "diffusers_lora_fused"})
+    for r in rows:  # the unfused adapter, timed in its own rounds against lcmtool's
+        if r["case"] == "lcm4" and r["batch"] == 1 and r["path"].startswith("lcmtool") and r["path"] in unfused:
+            r["speedup_vs_diffusers_unfused"] = round(unfused["diffusers_lora_unfused"] / unfused[r["path"]], 3)
     return rows
+
+
+def main(argv: list[str]) -> None:
+    """`python -m lcmtool.bench.sample key=value ...` (bench_sample's arguments; batches=1,16; out=FILE.jsonl):
+    the table on stderr, one JSON row a line on stdout (and in `out`)."""
+    import json
+    import sys
+
+    args = dict(a.split("=", 1) for a in argv)
+    out = args.pop("out", None)
+    for k in ("n", "warm", "dpm_steps", "height", "width"):
+        if k in args:
+            args[k] = int(args[k])
+    if "batches" in args:
+        args["batches"] = tuple(int(b) for b in args["batches"].split(","))
+    if "compile" in args:
+        args["compile"] = args["compile"].lower() in ("1", "true", "on", "yes")
+    rows = bench_sample(**args, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    sys.stdout.write(lines)
+    if out:
+        Path(out).write_text(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -50,11 +50,12 @@ class FastSampler:
         self.compile, self.fuse_qkv = compile, fuse_qkv
         self.mode = mode or os.environ.get("LCMTOOL_COMPILE_MODE") or COMPILE_MODES.get(self.device.type, "default")
         self.compile_s = 0.0          # first-call cost of the compiled graphs (seconds, all shapes so far)
+        self.compile_times: dict = {}  # graph -> its first call's seconds: (batch, h, w, cfg) UNet, ("decode", shape)
         self.static_batch: int | None = None  # compiled: every batch padded to this size
         self._text: collections.OrderedDict = collections.OrderedDict()
         self._unet = self._decode = None
         self._qkv = False
-        self._compiled_shapes: set = set()
+        self._stale: set = set()
 
     # ---- weights ----
 
@@ -64,6 +65,7 @@ class FastSampler:
 
         if self._unet is not None:
             return
+        decode_ready = self._decode is not None
         if self.fuse_qkv and not self._qkv and not _has_adapters(self.unet):  # peft adapters: to_qkv bypasses them
             self.unet.fuse_qkv_projections()
             self._qkv = True
@@ -77,14 +79,17 @@ class FastSampler:
         def decode(z):
             return vae.decode(z, return_dict=False)[0]
 
-        self._unet, self._decode = self.unet, decode
+        self._unet = self.unet
+        if not decode_ready:
+            self._decode = decode
         if self.compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/lcmtool/inductor"))
             # CPU: inductor with frozen weights (prepacked mkldnn convs: measured 1.9x on the demo UNet, 1.4x on
             # its VAE, where plain inductor gave 1.4x / 1.0x); weights_changed() compiles again
             kw = dict(options={"freezing": True}) if self.device.type == "cpu" else dict(mode=self.mode)
             self._unet = torch.compile(self.unet, dynamic=False, **kw)
-            self._decode = torch.compile(decode, dynamic=False, **kw)
+            if not decode_ready:
+                self._decode = torch.compile(decode, dynamic=False, **kw)
 
     def set_compile(self, on: bool) -> None:
         """Compile (or not) from the next call on; the weights stay as they are."""
@@ -93,11 +98,14 @@ class FastSampler:
             self._unet = self._decode = None
 
     def weights_changed(self) -> None:
-        """Call after changing the UNet's weights in place (fusing a LoRA): QKV is fused again on the next call."""
+        """Call after changing weights in place (fusing a LoRA, which may change the text encoders too): the prompt
+        cache is emptied, QKV is fused again and compiled graphs are made again on the next call."""
+        self._text.clear()
         if self._qkv:
             self.unet.unfuse_qkv_projections()
             self._qkv = False
-        self._unet = self._decode = None
+        self._unet = None  # the VAE's weights are not a LoRA's: its compiled decode stays
+        self._stale = {k for k in self.compile_times if k[0] != "decode"}  # compiled again on their next call
 
     # ---- text ----
 
@@ -232,7 +240,7 @@ class FastSampler:
         image = self._decode(latents)
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()  # diffusers' denormalize, pt_to_numpy
         out = (image * 255).round().to(torch.uint8).cpu()                      # and numpy_to_pil
-        self._note_compile(("decode", latents.shape), t0)
+        self._note_compile(("decode", tuple(latents.shape)), t0)
         return out
 
     def _graphs(self) -> bool:
@@ -240,10 +248,11 @@ class FastSampler:
 
     def _note_compile(self, key, t0: float) -> None:
         """The first call of each compiled shape pays the compile: add its time to compile_s."""
-        if self.compile and key not in self._compiled_shapes:
-            self._compiled_shapes.add(key)
+        if self.compile and (key not in self.compile_times or key in self._stale):
+            self._stale.discard(key)
             if self.device.type == "cuda":
                 import torch
 
                 torch.cuda.synchronize()
-            self.compile_s += time.perf_counter() - t0
+            self.compile_times[key] = time.perf_counter() - t0
+            self.compile_s += self.compile_times[key]

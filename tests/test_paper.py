@@ -26,7 +26,8 @@ def test_tiny_run_writes_results_with_every_part_and_sane_numbers(tmp_path):
     rows = res["table1"]["sd"]
     assert [(r["scheduler"], r["steps"]) for r in rows] == [("lcm", 1), ("lcm", 2), ("lcm", 4), ("lcm", 8),
                                                             ("dpmpp", 4), ("dpmpp", 8), ("dpmpp", 25), ("ddim", 4),
-                                                            ("ddim", 25)]
+                                                            ("ddim", 25), ("lcm", 4)]
+    assert rows[-1]["control"] and rows[-1]["loras"] == [] and rows[2]["loras"][0][0] == "lcm-lora-demo-sd.safetensors"
     t3 = res["table3"]["sd"]["outline"]["rows"]
     every = rows + list(t3.values()) + [r[k] for r in res["table2"]["variants"] + res["table2"]["base"]
                                         for k in ("lcm4", "dpmpp25")]
@@ -35,7 +36,8 @@ def test_tiny_run_writes_results_with_every_part_and_sane_numbers(tmp_path):
         assert all(0 <= r[k] <= 1 for k in METRICS), r
         assert math.isclose(r["attr_acc"], sum(r[k] for k in METRICS[:4]) / 4)
     assert 0 <= t3["style_dpmpp25"]["style_acc"] <= 1 and t3["lcm_only_lcm4"]["guidance"] == 1.0
-    assert [r["guidance"] for r in rows] == [1.0] * 4 + [7.5] * 5
+    assert [r["guidance"] for r in rows] == [1.0] * 4 + [7.5] * 5 + [1.0]
+    assert isinstance(res["table3"]["sd"]["outline"]["weak_reference"], bool)
     refusal = res["table2"]["refusal"]
     assert refusal["refused"] and "does not fit demo:xl" in refusal["message"]
     assert res["artefacts"]["origin"][res["artefacts"]["style"]["sd"]["outline"]] == "shipped"

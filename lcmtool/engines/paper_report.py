@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lcmtool.engines.paper import ACC_BOUND, FD_BOUND, STYLE_BOUND, TABLE1, row_of, within
+from lcmtool.engines.paper import ACC_BOUND, FD_BOUND, STYLE_BOUND, TABLE1, WEAK_STYLE, row_of, within
 
 NAMES = {"lcm": "LCM", "dpmpp": "DPM-Solver++", "ddim": "DDIM"}
 FIG_ROWS = 4  # prompts per figure
@@ -18,6 +18,8 @@ def _f(v, digits: int = 3) -> str:
 
 
 def _label(row: dict) -> str:
+    if row.get("control"):
+        return f"{NAMES[row['scheduler']]} {row['steps']}, no LCM-LoRA (control)"
     return f"{NAMES[row['scheduler']]} {row['steps']}" + (f", w={row['guidance']:g}" if row["guidance"] > 1 else "")
 
 
@@ -44,10 +46,10 @@ def figures(res: dict, benches: dict, out: Path) -> list[str]:
         paths += [p] if p else []
         xs = sorted({n for _, n in TABLE1})
         for metric, name, log_y in (("attr_acc", "attribute accuracy", False), ("fd", "FD-demo", True)):
-            series = {NAMES[s]: [next((r[metric] for r in rows if r["scheduler"] == s and r["steps"] == n),
-                                      float("nan")) for n in xs] for s in NAMES}
+            series = {NAMES[s]: [next((r[metric] for r in rows if r["scheduler"] == s and r["steps"] == n
+                                       and not r.get("control")), float("nan")) for n in xs] for s in NAMES}
             p = out / f"steps-{fam}-{metric}.png"
-            line_chart(series, p, title=f"demo:{fam}: {name} vs steps (x: {', '.join(map(str, xs))})",
+            line_chart(series, p, title=f"demo-{fam}: {name} vs steps (x: {', '.join(map(str, xs))})",
                        log_y=log_y, x=xs)
             paths.append(str(p))
     for fam, styles in res.get("table3", {}).items():  # Fig. 3: the style at DPM-Solver++ 25 vs merged at LCM
@@ -62,7 +64,7 @@ def figures(res: dict, benches: dict, out: Path) -> list[str]:
             lams, mark = sw["lambdas"], (sw["best"]["index"] if sw["best"] else None)
             for metric, better in (("style_acc", True), ("fd", False)):
                 p = out / f"sweep-{fam}-{style}-{metric}.png"
-                heatmap(sw[metric], p, lams, lams, title=f"demo:{fam} {style}: {metric} at LCM 4 (box: best pair)",
+                heatmap(sw[metric], p, lams, lams, title=f"demo-{fam} {style}: {metric} at LCM 4 (box: best pair)",
                         row_name="lambda1 (style)", col_name="lambda2 (tau_LCM)", mark=tuple(mark) if mark else None,
                         higher_is_better=better)
                 paths.append(str(p))
@@ -110,7 +112,7 @@ def _verdict(ok) -> str:
 def table1_md(res: dict) -> list[str]:
     out = []
     for fam, rows in res.get("table1", {}).items():
-        ref = next(r for r in rows if r["scheduler"] == "dpmpp" and r["steps"] == 25)
+        ref = row_of(rows, "dpmpp", 25)
         body = [[_label(r), _f(r["attr_acc"]), _f(r["shape_acc"]), _f(r["color_acc"]), _f(r["fd"], 2),
                  f"{r['attr_acc'] / ref['attr_acc']:.2f}" if ref["attr_acc"] else "n/a",
                  f"{r['fd'] / ref['fd']:.2f}" if ref["fd"] else "n/a", f"{r['ms_per_image']:.0f}"] for r in rows]
@@ -147,6 +149,10 @@ def table3_md(res: dict) -> list[str]:
                     for k, r in t["rows"].items()]
             out += [f"**demo:{fam}, {style}**: style kept {t['style_keep']:.0%} (bar {STYLE_BOUND:.0%}), attribute "
                     f"ratio {t['acc_ratio']:.2f} (bar {ACC_BOUND}): {'pass' if t['pass'] else 'FAIL'}", ""]
+            if t.get("weak_reference"):
+                out += [f"Note: the style LoRA itself reaches only {_f(t['rows']['style_dpmpp25']['style_acc'])} style "
+                        f"accuracy at DPM-Solver++ 25 (< {WEAK_STYLE}), so this ratio says little about keeping a "
+                        "style.", ""]
             out += _table(["setting", "style acc", "attr acc", "FD-demo", "ms/image"], body) + [""]
     return out
 
@@ -190,7 +196,7 @@ def write_markdown(res: dict, path: Path) -> None:
                         ("Table 3: style", table3_md(res)), ("Lambda sweep and per-block lambdas", sweep_md(res))):
         if part:
             lines += [f"## {title}", "", *part]
-    lines += ["## Artefacts", ""] + [f"- {Path(p).name if Path(p).suffix else p}: {how}"
+    lines += ["## Artefacts", ""] + [f"- {Path(p).name if how == 'shipped' else p}: {how}"
                                      for p, how in res["artefacts"]["origin"].items()]
     lines += [f"- `{cmd}`" for cmd in res["artefact_commands"]]
     lines += ["", "## Figures", ""] + [f"- ![{Path(p).stem}]({Path(p).name})" for p in res["figures"]] + [""]

@@ -112,6 +112,7 @@ def _sample() -> list[Case]:
         Case("sample", "--set", "steps (no =)", ["--set", "steps"] + S, "key=value"),
         Case("sample", "--set timestep_spacing", "middle", ["--set", "timestep_spacing=middle"] + S, "not one of"),
         Case("sample", "--fuse", "maybe (--set fuse=maybe)", ["--set", "fuse=maybe"] + S, "expected true or false"),
+        Case("sample", "--compile", "2 (--set compile=2)", ["--set", "compile=2"] + S, "expected true or false"),
         Case("sample", "--no-fuse", "(with a LoRA of another family)", ["--no-fuse", "--lora", "{xl_lora}"] + S,
              "does not fit", slow=True),
     ]

@@ -175,6 +175,27 @@ def _publish_file(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
+def _temp_folder(final: Path) -> Iterator[Path]:
+    """A new temp folder of ours beside `final` (its parent folders made, stale temps there removed), gone when
+    the block ends. If the block fails, so do the folders made for it, and an environment error becomes a
+    WriteError naming `final`."""
+    made = make_dirs(final.parent)
+    clean_stale(final.parent)
+    tmp = temp_name(final)
+    try:
+        with writing(final):
+            tmp.mkdir()
+        yield tmp
+    except BaseException as exc:
+        err = _failed(exc, final, tmp, made)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temp path for `path` (inside a temp folder of ours beside it; `suffix` replaces the extension);
     on success fsync it and rename it onto `path`. On failure the temp folder goes, and so do folders this made;
@@ -182,25 +203,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path = Path(path)
     if path.is_dir():
         raise WriteError(describe(E.EISDIR, path), path, E.EISDIR)
-    made = make_dirs(path.parent)
-    clean_stale(path.parent)
-    tdir = temp_name(path)
-    tmp = tdir / (path.stem + suffix if suffix else path.name)
-    try:
-        with writing(path):
-            tdir.mkdir()
+    with _temp_folder(path) as tdir:
+        tmp = tdir / (path.stem + suffix if suffix else path.name)
         yield tmp
         with writing(path):
             _durable(tmp, 0o666 & ~current_umask())  # the permissions open() would give
             _publish_file(tmp, path)
             fsync_dir(path.parent)
-    except BaseException as exc:
-        err = _failed(exc, path, tdir, made)
-        if err is None:
-            raise
-        raise err from None
-    finally:
-        shutil.rmtree(tdir, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -252,21 +261,9 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise WriteError(describe(E.ENOTDIR, final / "x"), final, E.ENOTDIR)
-    made = make_dirs(final.parent)
-    clean_stale(final.parent)
-    tmp = temp_name(final)
-    try:
-        with writing(final):
-            tmp.mkdir()
+    with _temp_folder(final) as tmp:
         yield tmp
         publish_dir(tmp, final)
-    except BaseException as exc:
-        err = _failed(exc, final, tmp, made)
-        if err is None:
-            raise
-        raise err from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -320,13 +317,9 @@ def paired(main: str | os.PathLike, side: str | os.PathLike, data: bytes) -> Ite
     main, side = Path(main).absolute(), Path(side)
     if not hasattr(_pairs, "staged"):
         _pairs.staged, _pairs.done = {}, set()
-    made = make_dirs(side.parent)
-    clean_stale(side.parent)
-    tdir = temp_name(side)  # the staged side file's temp folder doubles as the pair's journal folder
-    staged = tdir / side.name
-    try:
+    with _temp_folder(side) as tdir:  # the staged side file's temp folder doubles as the pair's journal folder
+        staged = tdir / side.name
         with writing(side):
-            tdir.mkdir()
             staged.write_bytes(data)
             _durable(staged, 0o666 & ~current_umask())
         _pairs.staged[main] = (staged, side)
@@ -340,13 +333,6 @@ def paired(main: str | os.PathLike, side: str | os.PathLike, data: bytes) -> Ite
                 os.replace(staged, side)
                 fsync_dir(side.parent)
         _pairs.done.discard(main)
-    except BaseException as exc:
-        err = _failed(exc, side, tdir, made)
-        if err is None:
-            raise
-        raise err from None
-    finally:
-        shutil.rmtree(tdir, ignore_errors=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

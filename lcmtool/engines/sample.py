@@ -284,7 +284,8 @@ def _sample_jobs(cfg: SampleConfig, p: Plan, shard: Shard, device: str, todo: li
                     save_png(im, path, meta)
                     recs.append(dict(_record(p, job, path, cfg), width=ctx["width"], height=ctx["height"],
                                      ms_per_image=round(ms / len(batch), 2), batch_ms=round(ms, 2),
-                                     batch_size=len(batch), load_ms=round(ctx["load_ms"], 1), skipped=False))
+                                     batch_size=len(batch), load_ms=round(ctx["load_ms"], 1), skipped=False,
+                                     compile_s=round(ctx["sampler"].compile_s, 1) if ctx["sampler"].compile else None))
             records += _emit(shard, recs, on_image)
             bar.advance(task, len(batch))
     return records

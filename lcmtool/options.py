@@ -121,11 +121,15 @@ class DistillConfig:
     cache_dir: str = opt("")            # latent/text cache root ("" -> $LCMTOOL_CACHE or ~/.cache/lcmtool)
     uncond: Literal["auto", "empty", "zeros"] = opt("auto")  # auto: empty prompt for SD-1.5, zeros for SDXL
     # LoRA (LCM-LoRA: rank 64, alpha 64 on 14 module kinds)
-    lora_rank: int = opt(64, min=1, max=65536)
+    lora_rank: int = opt(64, "LoRA rank; 0: the whole UNet trains (full LCD: writes unet/, a diffusers folder).",
+                         min=0, max=65536)
     lora_alpha: float = opt(64.0, gt=0)
     target_modules: list[str] = opt(list(LCM_TARGETS), min_items=1)
     conv_rank: int = opt(0, min=0)  # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
     conv_alpha: float = opt(0.0, min=0)  # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
+    init_lora: str = opt("", "Start from this LoRA file (its modules, ranks and alphas replace lora_rank, "
+                             "lora_alpha, conv_rank and target_modules).")
+    extract_rank: int = opt(0, min=0, max=65536)  # lora_rank 0: the UNet's change also as an SVD LoRA of this rank
     # LCD (Algorithm 1)
     num_ddim_timesteps: int = opt(50, min=1, max=1000)  # N solver steps over 1000 training steps: interval k = 20
     w_min: float = opt(5.0, min=0)  # guidance scale w ~ U[w_min, w_max]
@@ -145,6 +149,7 @@ class DistillConfig:
     weight_decay: float = opt(0.0, min=0)
     max_grad_norm: float = opt(1.0, min=0)  # 0: no clipping
     warmup_steps: int = opt(500, min=0)  # constant schedule after a linear warm-up
+    lr_schedule: Literal["constant", "cosine"] = opt("constant")  # after the warm-up: constant, or cosine decay to 0
     gradient_checkpointing: bool = opt(False)
     # machine
     device: str = opt("auto")           # auto | cpu | cuda | cuda:N (under accelerate launch: its devices)
@@ -159,6 +164,11 @@ class DistillConfig:
     validation_prompts: list[str] = opt(list(DEMO_PROMPTS), min_items=1)
     validation_seed: int = opt(1234, min=-2 ** 63, max=2 ** 64 - 1)
     log_every: int = opt(10, min=1)
+    eval_every: int = opt(0, "Every N steps score LCM 2 and 4 steps on held-out prompts (demo models: FD-demo and "
+                             "accuracies; others: a grid); keeps checkpoints/best. 0: off.", min=0)
+    eval_prompts: str = opt("", "Held-out prompts file, one a line (default: the demo's held-out prompts on demo "
+                                "models, else validation_prompts).")
+    eval_images: int = opt(80, min=2, max=100000)  # images per eval call (prompts cycled, seed validation_seed + i)
     # metrics.jsonl always; TensorBoard (accelerate's tracker, <out>/tensorboard) when installed (auto) or required
     report_to: Literal["auto", "tensorboard", "none"] = opt("auto")
     format: Literal["kohya", "kohya-sgm", "kohya-diffusers", "diffusers", "peft"] = opt(

@@ -14,7 +14,6 @@ import torch
 
 from lcmtool import fileio
 from lcmtool.distill import checkpoint as ckpt
-from lcmtool.distill import lcd as lcd_mod
 from lcmtool.engines.distill import distill
 
 teachers, cache = base.teachers, base.cache  # the module-scoped fixtures (tiny demo teachers, latent cache)
@@ -73,20 +72,10 @@ def test_crash_after_a_checkpoint_resumes_without_repeating_metrics(teachers, ca
     """A crash in step 4 after the step-2 checkpoint: metrics.jsonl holds steps 1-3; the resumed run drops step 3
     and logs 3-4 again, so each step appears once, with the straight run's losses; stale temp folders of the
     crashed run are removed and never taken for a checkpoint."""
-    real = lcd_mod.distance
-    calls = {"n": 0}
-
-    def crash_in_step_4(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash")
-        return real(*a, **k)
-
-    monkeypatch.setattr(lcd_mod, "distance", crash_in_step_4)
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with base.raising_in_call(monkeypatch, 4, RuntimeError("simulated crash")), \
+            pytest.raises(RuntimeError, match="simulated crash"):
         distill(cfg_for(teachers, cache, out, max_steps=4, checkpoint_every=2))
-    monkeypatch.setattr(lcd_mod, "distance", real)
     assert [r["step"] for r in records(out)] == [1, 2, 3]
     # what a SIGKILL during a later checkpoint write leaves: complete-looking temp folders of step 3, one of
     # fileio's (named with the killed process's pid) and one of an earlier lcmtool version

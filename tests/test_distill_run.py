@@ -1,4 +1,5 @@
 """End-to-end distillation on the random-weight demo pipelines (CPU, a few steps each, tiny batches)."""
+import contextlib
 import io
 import json
 import os
@@ -50,7 +51,27 @@ def lora_of(ckpt: Path) -> list:
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The logged losses (the held-out hook's records, which carry no loss, are skipped)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@contextlib.contextmanager
+def raising_in_call(monkeypatch, n: int, exc):
+    """The LCD loss raises `exc` in its n-th call (step n with grad_accum 1) inside the block."""
+    real, calls = lcd_mod.distance, {"n": 0}
+
+    def raising(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(lcd_mod, "distance", raising)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(lcd_mod, "distance", real)
 
 
 def fixed_draw_loss(teacher: Path, cfg: DistillConfig, cache_root: str, lora: list | None) -> float:
@@ -151,19 +172,8 @@ def test_resume_matches_straight_run_after_interrupt(teachers, cache, tmp_path, 
     distill(cfg_for(teachers, cache, straight, max_steps=4))
     # Ctrl-C during step 3: a checkpoint at step 2 is written, then `--resume latest` runs steps 3..4
     resumed = tmp_path / "resumed"
-    real = lcd_mod.distance
-    calls = {"n": 0}
-
-    def interrupting(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(lcd_mod, "distance", interrupting)
-    with pytest.raises(KeyboardInterrupt):
+    with raising_in_call(monkeypatch, 3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
         distill(cfg_for(teachers, cache, resumed, max_steps=4))
-    monkeypatch.setattr(lcd_mod, "distance", real)
     ck = resumed / "checkpoints" / "step-0000002"
     assert json.loads((ck / "trainer_state.json").read_text())["reason"] == "interrupted"
     assert not (resumed / "lcm-lora.safetensors").exists()

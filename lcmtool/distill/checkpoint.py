@@ -158,6 +158,38 @@ def load(ck: Path, config: dict, world_size: int) -> tuple[dict, dict]:
     return state, blob
 
 
+def save_training(ckpt_dir: Path, name: str, params, ema, optimizer, lr_sched, state: dict, keep: int,
+                  last_good: Path | None = None) -> Path:
+    """`save` of the trained tensors, their EMA, the optimizer and the schedule; a full disk says which checkpoint
+    is intact and how to go on from it."""
+    from lcmtool.oserrors import WriteError
+
+    blob = {"lora": [p.detach().cpu() for p in params], "ema": [e.cpu() for e in ema],
+            "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict()}
+    try:
+        return save(ckpt_dir, name, blob, state, keep)
+    except WriteError as e:  # the last checkpoint is whole
+        last = f"the last checkpoint, {last_good}, is intact" if last_good else "no checkpoint yet"
+        raise WriteError(f"{e}; {last}: make room and rerun with --resume latest", e.path, e.errno) from None
+
+
+def load_training(ck: Path, config: dict, world_size: int, params, ema, optimizer, lr_sched) -> dict:
+    """`load` checkpoint `ck` into the trained tensors, their EMA, the optimizer and the schedule; -> its state."""
+    import torch
+
+    state, blob = load(ck, config, world_size)
+    if len(blob["lora"]) != len(params):
+        raise LcmError(f"cannot resume {ck}: it holds {len(blob['lora'])} tensors, this run trains {len(params)}")
+    with torch.no_grad():
+        for p, v in zip(params, blob["lora"], strict=True):
+            p.copy_(v)
+        for e, v in zip(ema, blob.get("ema", []), strict=False):
+            e.copy_(v)
+    optimizer.load_state_dict(blob["optimizer"])
+    lr_sched.load_state_dict(blob["lr_scheduler"])
+    return state
+
+
 def trim_metrics(path: Path, step: int) -> list[dict]:
     """Keep the records of metrics.jsonl up to `step` (a resumed run logs the later ones again); -> them."""
     from lcmtool.fileio import atomic_write_text

@@ -1,7 +1,6 @@
 """What a distill run shows while it runs: the progress bar, the loss meter, TensorBoard, loss.png."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -20,26 +19,6 @@ def tensorboard_tracker(report_to: str) -> str | None:
         raise LcmError("report_to: tensorboard needs the tensorboard package (pip install tensorboard), "
                        "or set report_to: auto|none")
     return "tensorboard"
-
-
-class MetricsLog:
-    """metrics.jsonl (written by the main process; appended to on resume) and accelerate's TensorBoard tracker."""
-
-    def __init__(self, path: Path, accelerator, tracker: str | None, append: bool):
-        self.file = open(path, "a" if append else "w") if accelerator.is_main_process else None
-        self.accelerator, self.tracker = accelerator, tracker
-
-    def write(self, record: dict, scalars: dict | None = None) -> None:
-        """One JSON line `record` (with its "step"); `scalars` go to TensorBoard at that step."""
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        if self.tracker and scalars:
-            self.accelerator.log(scalars, step=record["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
 
 
 class Meter:

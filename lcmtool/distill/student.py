@@ -2,18 +2,22 @@
 
 One UNet in memory: the teacher is the UNet with its LoRA switched off (`adapters_off`), the student the UNet
 with it on, and the target the student itself under stop-gradient, or an EMA copy of the LoRA (`swapped`).
-`lora_modules` / `save_tau_lcm` export the LoRA (tau_LCM) through peft's own state dict and lcmtool.lora.io.
+`lora_modules` / `save_tau_lcm` export the LoRA (tau_LCM) through peft's own state dict and lcmtool.lora.io;
+`add_lora_from` starts the LoRA from a file. Full LCD (`add_full`, the LCM paper's setting): the whole UNet
+trains against a frozen copy, and `extract_lora` writes its change as a LoRA by SVD.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from lcmtool.distill import lcd
-from lcmtool.lora.io import LoraModule, save_lora
+from lcmtool.lora.io import LoraFile, LoraModule, save_lora
 
 
 def conv_patterns(unet, conv_rank: int, conv_alpha: float) -> tuple[dict, dict]:
@@ -39,21 +43,89 @@ def add_lora(unet, rank: int, alpha: float, target_modules: list[str], rank_patt
     return params
 
 
+def add_lora_from(unet, lora: LoraFile) -> list[torch.nn.Parameter]:
+    """`lora`'s UNet modules as a peft LoRA on `unet`, with the file's ranks and alphas and its factors loaded
+    through peft's set_peft_model_state_dict: at step 0 the student is base + the file's delta exactly."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    modules = {n: m.loaded() for n, m in lora.modules.items() if not n.startswith(("text_encoder.", "text_encoder_2."))}
+    if not modules:
+        raise ValueError(f"{lora.path}: no UNet module to start from")
+    rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+    ranks = {re.escape(n): m.rank for n, m in modules.items() if m.rank != rank}
+    alphas = {re.escape(n): m.alpha for n, m in modules.items() if m.alpha != alpha}
+    params = add_lora(unet, rank, alpha, sorted(modules), ranks, alphas)
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet).items()}
+    state = {}
+    for n, m in modules.items():
+        state[f"{n}.lora_A.weight"] = m.A.float().reshape(shapes[f"{n}.lora_A.weight"])
+        state[f"{n}.lora_B.weight"] = m.B.float().reshape(shapes[f"{n}.lora_B.weight"])
+    result = set_peft_model_state_dict(unet, state)
+    if result.unexpected_keys:
+        raise ValueError(f"{lora.path}: peft did not take {result.unexpected_keys[:3]}")
+    return params
+
+
+def add_full(unet, teacher_dtype) -> tuple[list[torch.nn.Parameter], torch.nn.Module]:
+    """Full LCD: every UNet weight trains (fp32 master weights); -> (its parameters, a frozen teacher copy in
+    `teacher_dtype`, on the UNet's device)."""
+    teacher = copy.deepcopy(unet).requires_grad_(False).to(dtype=teacher_dtype).eval()
+    unet.requires_grad_(True)
+    unet.float()
+    return list(unet.parameters()), teacher
+
+
+def targeted(name: str, target_modules: list[str]) -> bool:
+    """peft's rule for a list of target names: the module's path is one of them or ends with '.<one of them>'."""
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def extract_lora(student, teacher, target_modules: list[str], rank: int) -> tuple[dict[str, LoraModule], float]:
+    """The change student - teacher of every targeted Linear / Conv2d weight as its best rank-`rank` LoRA
+    (lcmtool.lora.math.svd of the delta, written as one term B = I, A = delta); -> (modules, worst relative
+    Frobenius error). Norms and biases that changed are not in a LoRA."""
+    from lcmtool.lora.math import svd
+
+    base = dict(teacher.named_modules())
+    out, worst = {}, 0.0
+    for name, mod in student.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or not targeted(name, target_modules):
+            continue
+        delta = mod.weight.detach().float().cpu() - base[name].weight.detach().float().cpu()
+        if not delta.any():
+            continue
+        eye = torch.eye(delta.shape[0]).reshape(delta.shape[0], delta.shape[0], *([1] * (delta.ndim - 2)))
+        m, err = svd(name, [(LoraModule(A=delta, B=eye, alpha=float(delta.shape[0])), 1.0)], rank)
+        out[name], worst = m, max(worst, err)
+    return out, worst
+
+
+def save_unet(unet, folder: Path, dtype) -> None:
+    """`unet` as a diffusers model folder (safetensors, `dtype`), published atomically (it is cast in place)."""
+    from lcmtool.fileio import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        unet.to("cpu", dtype).save_pretrained(str(tmp), safe_serialization=True)
+
+
 def make_optimizer(params, cfg):
-    """AdamW over `params` and diffusers' constant schedule after a linear warm-up (cfg: a DistillConfig)."""
+    """AdamW over `params` and diffusers' warm-up schedule (cfg: a DistillConfig)."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    return opt, lr_schedule(opt, cfg.warmup_steps)
+    return opt, lr_schedule(opt, cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps)
 
 
-def lr_schedule(optimizer, warmup_steps: int):
-    """diffusers.optimization's schedule, advanced by one step: optimizer step s (1-based) trains at
-    lr * min(1, s / warmup_steps), so that no step runs at lr 0 (diffusers' warm-up starts at 0)."""
+def lr_schedule(optimizer, warmup_steps: int, kind: str = "constant", max_steps: int = 0):
+    """diffusers.optimization's linear warm-up then constant or cosine decay (over max_steps + 1 steps),
+    advanced by one step: optimizer step s (1-based) trains at lr * lambda(s), so that no step runs at lr 0
+    (diffusers' warm-up starts at 0, its cosine ends at 0)."""
     import warnings
 
-    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.optimization import get_scheduler
 
-    sched = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[kind]
+    sched = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps + 1)
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
         sched.step()
@@ -147,10 +219,13 @@ def lora_modules(unet, adapter: str = "default") -> dict[str, LoraModule]:
     return out
 
 
-def save_tau_lcm(unet, path: Path, fmt: str, family: str, dtype, metadata: dict) -> str:
-    """Write tau_LCM (the LoRA) atomically via lcmtool.lora.io in `fmt` (kohya by default); -> the format."""
+def save_tau_lcm(unet, path: Path, fmt: str, family: str, dtype, metadata: dict,
+                 modules: dict[str, LoraModule] | None = None) -> str:
+    """Write tau_LCM atomically via lcmtool.lora.io in `fmt` (kohya by default): `unet`'s peft LoRA, or `modules`
+    (e.g. extract_lora's); metadata values that are not strings are written as JSON. -> the format."""
     import json
 
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
-    save_lora(lora_modules(unet), path, format=fmt, family=family, metadata=meta, dtype=dtype)
+    save_lora(modules if modules is not None else lora_modules(unet), path, format=fmt, family=family, metadata=meta,
+              dtype=dtype)
     return fmt

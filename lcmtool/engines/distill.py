@@ -1,16 +1,18 @@
 """LoRA latent consistency distillation: one flat accelerate loop (LCM-LoRA arXiv 2311.05556, Algorithm 1).
 
-Reads top to bottom like nanoGPT's train.py: `setup` (machine, data listing, teacher, latent cache, LoRA
-student, optimizer), `resume`, then per step `train_step` (grad_accum micro-batches of Algorithm 1),
-`log_step` and `after_step` (checkpoint, validation, stop requests), and `finish` (tau_LCM file, grid, curve).
-The student, its LCD pass and the LoRA export are lcmtool.distill.student; checkpoints and stop requests
-lcmtool.distill.checkpoint; validation images lcmtool.distill.validate.
+Reads top to bottom like nanoGPT's train.py: `setup` (machine, data listing, teacher, latent cache, student,
+optimizer; shared with finetune: engines/training.py), `resume`, then per step `train_step` (grad_accum
+micro-batches of Algorithm 1), `log_step` and `after_step` (checkpoint, validation, the held-out hook of
+engines/distill_eval.py, stop requests), and `finish` (tau_LCM file or unet/, grid, curve, summary).
+The student is a LoRA on the frozen teacher UNet (lora_rank > 0, optionally started from `init_lora`) or the whole
+UNet against a frozen copy (lora_rank 0, full LCD); its LCD pass and export are lcmtool.distill.student,
+checkpoints and stop requests lcmtool.distill.checkpoint, validation images lcmtool.distill.validate.
 Runs on one device, or data-parallel with `accelerate launch -m lcmtool distill ...` / torchrun.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,9 @@ from typing import Any
 from lcmtool.distill import checkpoint as ckpt
 from lcmtool.distill import lcd
 from lcmtool.distill.checkpoint import StopRequest, TrainState
-from lcmtool.distill.monitor import Meter, MetricsLog, loss_curve_png, make_progress, tensorboard_tracker
+from lcmtool.distill.monitor import Meter, loss_curve_png, make_progress
+from lcmtool.engines import distill_eval
+from lcmtool.engines.training import latent_data, log_step, open_run
 from lcmtool.errors import LcmError
 from lcmtool.lora.formats import LCM_TARGETS  # the 14 LCM-LoRA module kinds, defined once
 from lcmtool.options import DistillConfig  # every option is declared once, in lcmtool/options.py
@@ -49,12 +53,14 @@ class Run:
     weight_dtype: Any
     unet: Any = None            # the student as accelerate prepared it (DDP-wrapped when data-parallel)
     raw_unet: Any = None        # the same module unwrapped
-    params: list | None = None  # the trained tensors (the LoRA factors)
+    params: list | None = None  # the trained tensors (the LoRA factors, or every UNet weight)
     ema: list | None = None     # their EMA copy (the target) when ema_decay > 0
     optimizer: Any = None
     lr_sched: Any = None
-    metrics: MetricsLog | None = None  # metrics.jsonl and TensorBoard
+    metrics: Any = None         # metrics.jsonl, open for appending (main process)
     uncond: tuple = ()          # the unconditional embeddings (and SDXL pooled ones) in the compute dtype
+    teacher: Any = None         # full LCD: the frozen teacher copy (else the student with its LoRA off)
+    evaluator: Any = None       # the held-out hook's prompts and scorer (eval_every > 0)
 
     main = property(lambda self: self.accelerator.is_main_process)
     world = property(lambda self: self.accelerator.num_processes)
@@ -69,42 +75,38 @@ def check_config(cfg: DistillConfig) -> Path:
         raise LcmError("distill needs a teacher: --model demo:sd | a diffusers folder | a hub id")
     if cfg.w_min > cfg.w_max or cfg.w_min < 0:
         raise LcmError(f"need 0 <= w_min <= w_max, got w_min={cfg.w_min} w_max={cfg.w_max}")
-    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lora_rank < 1:
-        raise LcmError("max_steps, batch_size, grad_accum and lora_rank must be >= 1")
+    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lora_rank < 0:
+        raise LcmError("max_steps, batch_size and grad_accum must be >= 1, lora_rank >= 0")
+    if cfg.extract_rank and cfg.lora_rank:
+        raise LcmError("extract_rank is for full LCD (lora_rank 0): a LoRA run writes its LoRA itself")
+    if cfg.init_lora and not cfg.lora_rank:
+        raise LcmError("init_lora starts a LoRA; full LCD (lora_rank 0) trains the UNet itself")
+    if cfg.init_lora and not Path(cfg.init_lora).expanduser().is_file():
+        raise LcmError(f"--init-lora {cfg.init_lora}: file not found")
+    if cfg.eval_prompts:
+        distill_eval.read_prompts(cfg.eval_prompts)
     return Path(cfg.out or Path("runs") / cfg.name)
 
 
-def make_accelerator(cfg: DistillConfig, out: Path):
-    """accelerate does mixed precision, gradient accumulation and DDP; -> (accelerator, tracker, mixed precision)."""
-    import torch
-    from accelerate import Accelerator
-
-    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if not use_cpu and not torch.cuda.is_available():
-        raise LcmError(f"device {cfg.device} requested but CUDA is not available")
-    if cfg.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
-        torch.cuda.set_device(int(cfg.device.split(":")[1]))
-    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("no" if use_cpu else "bf16")
-    tracker = tensorboard_tracker(cfg.report_to)
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=use_cpu,
-                              log_with=tracker, project_dir=str(out) if tracker else None)
-    return accelerator, tracker, mp
-
-
 def add_student(run: Run) -> None:
-    """Teacher UNet + LoRA on the 14 LCM-LoRA module kinds (base frozen in the compute dtype), AdamW, warm-up."""
+    """The trained weights: a LoRA on the 14 LCM-LoRA module kinds of the teacher UNet (frozen in the compute
+    dtype), one read from init_lora, or the whole UNet (lora_rank 0) with a frozen teacher copy; AdamW, schedule."""
     from lcmtool.distill import student
 
-    cfg = run.cfg
-    unet = run.pipe.unet
+    cfg, unet = run.cfg, run.pipe.unet
     unet.requires_grad_(False)
     unet.to(run.accelerator.device, run.weight_dtype)
-    conv_alpha = cfg.conv_alpha or cfg.conv_rank * cfg.lora_alpha / cfg.lora_rank
-    ranks, alphas = student.conv_patterns(unet, cfg.conv_rank, conv_alpha)
-    try:
-        params = student.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, ranks, alphas)
-    except ValueError as e:  # peft's NoMatchingPeftModuleError
-        raise LcmError(f"config key 'target_modules': {str(e).splitlines()[0]}") from None
+    if not cfg.lora_rank:
+        params, run.teacher = student.add_full(unet, run.weight_dtype)
+    elif cfg.init_lora:
+        params = add_init_lora(run, unet)
+    else:
+        conv_alpha = cfg.conv_alpha or cfg.conv_rank * cfg.lora_alpha / cfg.lora_rank
+        ranks, alphas = student.conv_patterns(unet, cfg.conv_rank, conv_alpha)
+        try:
+            params = student.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, ranks, alphas)
+        except ValueError as e:  # peft's NoMatchingPeftModuleError
+            raise LcmError(f"config key 'target_modules': {str(e).splitlines()[0]}") from None
     if not params:
         raise LcmError(f"no module of the UNet matches target_modules {cfg.target_modules}")
     if cfg.gradient_checkpointing:
@@ -116,55 +118,42 @@ def add_student(run: Run) -> None:
     run.raw_unet = run.accelerator.unwrap_model(run.unet)
 
 
+def add_init_lora(run: Run, unet) -> list:
+    """The LoRA of cfg.init_lora (checked to fit the teacher) on `unet`, exactly: step 0 is base + its delta."""
+    from lcmtool.distill import student
+    from lcmtool.engines.sample import check_fit
+    from lcmtool.lora.io import load_lora
+
+    lf = load_lora(run.cfg.init_lora, family=run.family)
+    check_fit(unet, [(lf, 1.0)], run.cfg.model)
+    try:
+        params = student.add_lora_from(unet, lf)
+    except ValueError as e:
+        raise LcmError(f"--init-lora {e}") from None
+    run.log(f"init_lora: {len(lf.modules)} modules from {run.cfg.init_lora}")
+    return params
+
+
 def setup(cfg: DistillConfig, out: Path, log) -> Run:
-    """Machine -> data listing -> teacher -> run folder -> noise schedule -> latent cache -> student."""
+    """Machine -> data listing -> teacher -> run folder -> noise schedule -> latent cache -> student -> hook."""
     import torch
-    from accelerate.utils import set_seed
 
-    from lcmtool.config import to_dict, write_resolved
-    from lcmtool.distill import data as D
-    from lcmtool.distill.teacher import load_teacher, noise_schedule
+    from lcmtool.distill.teacher import noise_schedule
 
-    accelerator, tracker, mp = make_accelerator(cfg, out)
-    set_seed(cfg.seed)
-    source = D.open_source(cfg.data, cfg.num_samples, cfg.seed)  # an empty data set is an error before any load
-    pipe, family, model_id = load_teacher(cfg.model)
-    if cfg.family != "auto" and not (cfg.family == family or {cfg.family, family} == {"sdxl", "ssd1b"}):
-        raise LcmError(f"this config is for the {cfg.family} family but {cfg.model} is {family}")
-    if accelerator.is_main_process:  # the run folder appears only once its inputs have been checked
-        out.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, out / "config.yaml")
-        ckpt.clean_stale(out / "checkpoints")
-    if tracker:  # TensorBoard run <out>/tensorboard, with the config's scalars as its hyper-parameters
-        accelerator.init_trackers("tensorboard", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                         for k, v in to_dict(cfg).items()})
-    prediction_type, alphas_cumprod, grid = noise_schedule(pipe, cfg.num_ddim_timesteps)
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    resolution = cfg.resolution or pipe.unet.config.sample_size * vae_factor
-    is_xl = family in ("sdxl", "ssd1b")
-    uncond = cfg.uncond if cfg.uncond != "auto" else ("zeros" if is_xl else "empty")
-    root = D.cache_root(cfg.cache_dir) / D.cache_key(model_id, source, resolution, cfg.center_crop, cfg.seed, uncond)
-    if accelerator.is_main_process:  # the main process builds the cache, the others wait and read it
-        D.prepare_cache(pipe, family, source, root, resolution, cfg.center_crop, cfg.seed, uncond,
-                        accelerator.device, log)
-    accelerator.wait_for_everyone()
-    dataset = D.LatentCache(root, cfg.seed, device=accelerator.device if D.fits_in_memory(source, pipe, resolution)
-                            else "cpu")
-    if dataset.meta["skipped"] and accelerator.is_main_process:
-        log(f"[yellow]skipped {dataset.meta['skipped']} unreadable image(s)[/]")
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
-    run = Run(cfg, out, log, accelerator, tracker, pipe, family, dataset, root, grid, alphas_cumprod,
-              prediction_type, weight_dtype)
-    text = dataset.text  # the unconditional embeddings are the same every step: in the compute dtype once
-    run.uncond = (text["uncond_embeds"].to(accelerator.device, weight_dtype),
-                  text["uncond_pooled"].to(accelerator.device, weight_dtype) if is_xl else None)
+    opened = open_run(cfg, out, cfg.family)
+    prediction_type, alphas_cumprod, grid = noise_schedule(opened.pipe, cfg.num_ddim_timesteps)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opened.mixed_precision, torch.float32)
+    dataset, root, uncond = latent_data(cfg, opened, weight_dtype, log)
+    run = Run(cfg, out, log, opened.accelerator, opened.tracker, opened.pipe, opened.family, dataset, root, grid,
+              alphas_cumprod, prediction_type, weight_dtype, uncond=uncond)
     add_student(run)
+    if cfg.eval_every:
+        run.evaluator = distill_eval.Evaluator(cfg, str(opened.accelerator.device))
     return run
 
 
 def resume(run: Run) -> TrainState:
     """A fresh state, or the one of `cfg.resume`: tensors, optimizer, schedule, step; metrics.jsonl cut to it."""
-    import torch
 
     from lcmtool.config import to_dict
 
@@ -172,17 +161,11 @@ def resume(run: Run) -> TrainState:
     if not run.cfg.resume:
         return state
     ck = ckpt.find_checkpoint(run.out, run.cfg.resume)
-    saved, blob = ckpt.load(ck, to_dict(run.cfg), run.world)
-    with torch.no_grad():
-        for p, v in zip(run.params, blob["lora"], strict=False):
-            p.copy_(v)
-        for e, v in zip(run.ema, blob.get("ema", []), strict=False):
-            e.copy_(v)
-    run.optimizer.load_state_dict(blob["optimizer"])
-    run.lr_sched.load_state_dict(blob["lr_scheduler"])
+    saved = ckpt.load_training(ck, to_dict(run.cfg), run.world, run.params, run.ema, run.optimizer, run.lr_sched)
     state.step = state.start_step = saved["step"]
     records = ckpt.trim_metrics(run.out / "metrics.jsonl", state.step) if run.main else []
     state.losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    distill_eval.restore(run, state, records)
     run.log(f"resumed from {ck} at step {state.step}")
     return state
 
@@ -227,7 +210,7 @@ def train_step(run: Run, state: TrainState, stop: StopRequest) -> list[float]:
             pred, target = lcd_pred_target(run.unet, run.raw_unet, grid=run.grid, alphas_cumprod=run.alphas_cumprod,
                                            prediction_type=run.prediction_type, autocast=acc.autocast,
                                            timestep_scaling=cfg.timestep_scaling, lora_params=run.params,
-                                           ema=run.ema, **b)
+                                           ema=run.ema, teacher=run.teacher, **b)
             loss = lcd.distance(pred, target, cfg.loss, cfg.huber_c)
             # one all-reduce carries the loss and the ranks' stop requests (no extra collective)
             lval, votes = acc.reduce(torch.stack([loss.detach().float(),
@@ -254,37 +237,20 @@ def train_step(run: Run, state: TrainState, stop: StopRequest) -> list[float]:
 
 # ------------------------------------------------------------------------------------------------ logging, checkpoints
 
-def log_step(run: Run, state: TrainState, meter: Meter, progress, task) -> None:
-    """Every log_every steps: metrics.jsonl, TensorBoard, the progress bar (or a line when there is none)."""
-    cfg, step = run.cfg, state.step
-    if step % cfg.log_every and step != cfg.max_steps:
-        return
-    mean, n, seconds = meter.take()
-    sps = run.samples_per_step * (n / cfg.grad_accum) / seconds
-    elapsed = time.time() - meter.t0
-    lr = run.lr_sched.get_last_lr()[0]
-    state.losses.append((step, mean))
-    run.metrics.write({"step": step, "loss": mean, "lr": lr, "samples_per_s": sps,
-                       "samples_seen": step * run.samples_per_step, "elapsed_s": elapsed},
-                      {"loss": mean, "lr": lr, "samples_per_s": sps})
-    progress.update(task, completed=step, loss=f"{mean:.4g}", sps=f"{sps:.0f}")
-    if run.main and progress.disable and (step % (cfg.log_every * 5) == 0 or step == cfg.max_steps):
-        run.log(f"step {step}/{cfg.max_steps} loss {mean:.4g} {sps:.0f} samples/s elapsed {elapsed:.0f}s")
-
-
-def save_checkpoint(run: Run, state: TrainState, reason: str, name: str | None = None) -> Path | None:
-    """Checkpoint `name` (default step-NNNNNNN) of the current step; step-* beyond keep_checkpoints are removed."""
+def save_checkpoint(run: Run, state: TrainState, reason: str, name: str | None = None,
+                    extra: dict | None = None) -> Path | None:
+    """Checkpoint `name` (default step-NNNNNNN) of the current step (`extra` goes into trainer_state.json);
+    step-* beyond keep_checkpoints are removed."""
     from lcmtool.config import to_dict
 
     run.accelerator.wait_for_everyone()
     if not run.main:
         return None
-    blob = {"lora": [p.detach().cpu() for p in run.params], "ema": [e.cpu() for e in run.ema],
-            "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_sched.state_dict()}
     meta = {"step": state.step, "samples_seen": state.step * run.samples_per_step, "world_size": run.world,
-            "reason": reason, "config": to_dict(run.cfg)}
-    keep = 0 if name else max(1, run.cfg.keep_checkpoints)
-    return ckpt.save(run.out / "checkpoints", name or f"step-{state.step:07d}", blob, meta, keep)
+            "reason": reason, "config": to_dict(run.cfg), **(extra or {})}
+    return ckpt.save_training(run.out / "checkpoints", name or f"step-{state.step:07d}", run.params, run.ema,
+                              run.optimizer, run.lr_sched, meta, 0 if name else max(1, run.cfg.keep_checkpoints),
+                              state.last_good)
 
 
 def validate(run: Run, path: Path) -> None:
@@ -306,6 +272,8 @@ def after_step(run: Run, state: TrainState, stop: StopRequest) -> None:
         state.last_good = save_checkpoint(run, state, "periodic") or state.last_good
     if cfg.validate_every and step % cfg.validate_every == 0 and run.main:
         validate(run, run.out / "validation" / f"step-{step:07d}.png")
+    if cfg.eval_every and step % cfg.eval_every == 0:
+        distill_eval.evaluate(run, state, save_checkpoint, save_lora)
     if stop.requested if run.world == 1 else stop.any_rank:
         stop.written = True
         where = save_checkpoint(run, state, "interrupted")
@@ -333,64 +301,87 @@ def _distill(cfg: DistillConfig, out: Path, log=None) -> dict:
     log = log or (lambda msg: console.print(msg))
     run = setup(cfg, out, log)
     state = resume(run)
-    run.metrics = MetricsLog(out / "metrics.jsonl", run.accelerator, run.tracker, append=bool(cfg.resume))
     progress, task = make_progress(cfg.max_steps, state.step, run.main)
     run.unet.train()
     meter, stop = Meter(), StopRequest(single_process=run.world == 1)
-    try:
-        stop.install()
-        with progress:
-            while state.step < cfg.max_steps:
-                meter.add(train_step(run, state, stop))
-                log_step(run, state, meter, progress, task)
-                after_step(run, state, stop)
-    except BaseException as exc:
-        # an interrupt raised mid-step (second Ctrl-C, or a test): one process can still write its checkpoint;
-        # several cannot safely (the others may be inside a collective), so they leave with the last periodic one
-        if isinstance(exc, KeyboardInterrupt) and state.step > state.start_step and not stop.written \
-                and run.world == 1:
-            where = save_checkpoint(run, state, "interrupted")
-            log(f"interrupted at step {state.step}: checkpoint {where} (continue with --resume latest)")
-        if run.tracker:
-            run.accelerator.end_training()  # flush the TensorBoard events logged so far
-        raise
-    finally:
-        stop.restore()
-        run.metrics.close()
-    return finish(run, state, time.time() - meter.t0)
+    metrics = open(out / "metrics.jsonl", "a" if cfg.resume else "w") if run.main else contextlib.nullcontext()
+    with metrics as run.metrics:  # metrics.jsonl (main process): the loop's and finish's records
+        try:
+            stop.install()
+            with progress:
+                while state.step < cfg.max_steps:
+                    meter.add(train_step(run, state, stop))
+                    log_step(run, state, meter, progress, task, "distill")
+                    after_step(run, state, stop)
+        except BaseException as exc:
+            # an interrupt raised mid-step (second Ctrl-C, or a test): one process can still write its checkpoint;
+            # several cannot safely (the others may be inside a collective), so they leave with the last periodic
+            if isinstance(exc, KeyboardInterrupt) and state.step > state.start_step and not stop.written \
+                    and run.world == 1:
+                where = save_checkpoint(run, state, "interrupted")
+                log(f"interrupted at step {state.step}: checkpoint {where} (continue with --resume latest)")
+            if run.tracker:
+                run.accelerator.end_training()  # flush the TensorBoard events logged so far
+            raise
+        finally:
+            stop.restore()
+        return finish(run, state, time.time() - meter.t0)
+
+
+def save_lora(run: Run, state: TrainState, name: str = "lcm-lora-best.safetensors") -> Path | None:
+    """tau_LCM as `name` in the run folder (main process): the LoRA, or in full LCD with extract_rank the UNet's
+    change as an SVD LoRA; -> its path (None: full LCD without extract_rank)."""
+    from lcmtool import __version__
+    from lcmtool.config import to_dict
+    from lcmtool.distill import student
+    from lcmtool.models.load import torch_dtype
+
+    cfg, modules = run.cfg, None
+    meta = {"lcmtool_version": __version__, "lcmtool_kind": "tau_lcm", "base_model": cfg.model, "family": run.family,
+            "steps": str(state.step), "rank": str(cfg.lora_rank), "alpha": str(cfg.lora_alpha), "config": to_dict(cfg)}
+    if not cfg.lora_rank:
+        if not cfg.extract_rank:
+            return None
+        modules, err = student.extract_lora(run.raw_unet, run.teacher, cfg.target_modules, cfg.extract_rank)
+        meta.update(rank=str(cfg.extract_rank), alpha=str(cfg.extract_rank), extract_rel_error=f"{err:.4g}")
+    student.save_tau_lcm(run.raw_unet, run.out / name, cfg.format, run.family, torch_dtype(cfg.save_dtype), meta,
+                         modules)
+    return run.out / name
 
 
 def finish(run: Run, state: TrainState, elapsed: float) -> dict:
-    """A final checkpoint, tau_LCM, the validation grid, the loss curve and summary.json."""
+    """A final checkpoint (and held-out score), tau_LCM (full LCD: unet/), the grid, loss.png and summary.json."""
     import torch
 
-    from lcmtool import __version__
-    from lcmtool.config import to_dict
-    from lcmtool.distill.student import save_tau_lcm
+    from lcmtool.distill.student import save_unet
     from lcmtool.fileio import atomic_write_json
+    from lcmtool.models.load import torch_dtype
 
     cfg, out, acc = run.cfg, run.out, run.accelerator
     last = save_checkpoint(run, state, "final")
-    # data-parallel ranks must hold identical LoRA weights: one checksum per rank, gathered into the summary
+    scores = distill_eval.evaluate(run, state, save_checkpoint, save_lora) if cfg.eval_every else {}
+    # data-parallel ranks must hold identical weights: one checksum per rank, gathered into the summary
     flat = torch.cat([p.detach().double().flatten() for p in run.params])
     probe = torch.cos(torch.arange(flat.numel(), dtype=torch.float64, device=flat.device))
     rank_sums = acc.gather(torch.stack([flat.sum(), flat @ probe]).float().unsqueeze(0)).cpu().tolist()
-    summary = {"out": str(out), "steps": state.step, "family": run.family,
+    summary = {"out": str(out), "steps": state.step, "family": run.family, "full": not cfg.lora_rank,
                "samples_per_s": (state.step - state.start_step) * run.samples_per_step / max(elapsed, 1e-9),
                "final_loss": state.losses[-1][1] if state.losses else None,
                "skipped_images": run.dataset.meta["skipped"], "samples_cached": len(run.dataset),
-               "world_size": run.world, "rank_checksums": rank_sums, "cache": str(run.cache_root)}
+               "world_size": run.world, "rank_checksums": rank_sums, "cache": str(run.cache_root), **scores}
     if run.main:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
-        lora_path = out / "lcm-lora.safetensors"
-        fmt = save_tau_lcm(run.raw_unet, lora_path, cfg.format, run.family, dtype, {
-            "lcmtool_version": __version__, "lcmtool_kind": "tau_lcm", "base_model": cfg.model,
-            "family": run.family, "steps": str(state.step), "rank": str(cfg.lora_rank),
-            "alpha": str(cfg.lora_alpha), "config": to_dict(cfg)})
+        lora_path = save_lora(run, state, "lcm-lora.safetensors")
         validate(run, out / "validation.png")
-        loss_curve_png(state.losses, out / "loss.png", f"LCD loss ({cfg.model}, {state.step} steps)")
-        summary.update({"lora": str(lora_path), "format": fmt, "lora_bytes": lora_path.stat().st_size,
-                        "checkpoint": str(last), "validation": str(out / "validation.png"),
+        loss_curve_png(state.losses, out / "loss.png", f"LCD loss ({cfg.model}, {state.step} steps)", state.evals,
+                       f"held-out FD-demo, LCM 4 steps ({distill_eval.SELECT})")
+        if lora_path:
+            summary.update({"lora": str(lora_path), "format": cfg.format, "lora_bytes": lora_path.stat().st_size})
+        if state.best is not None:
+            summary.update(best=str(out / "checkpoints" / "best"), best_score=state.best)
+        if not cfg.lora_rank:  # last: the UNet is cast to save_dtype in place
+            save_unet(run.raw_unet, out / "unet", torch_dtype(cfg.save_dtype))
+            summary["unet"] = str(out / "unet")
+        summary.update({"checkpoint": str(last), "validation": str(out / "validation.png"),
                         "loss_curve": str(out / "loss.png")})
         atomic_write_json(out / "summary.json", summary)
     acc.wait_for_everyone()

@@ -2,7 +2,7 @@
 of the model, trained with the standard denoising loss (epsilon or v by the model's prediction type).
 
 It shares distill's machinery: the data sources and latent cache (lcmtool.distill.data), the accelerate setup
-(engines.distill.make_accelerator), the teacher loader, checkpoints, resume and stop requests
+(engines.training.make_accelerator), the teacher loader, checkpoints, resume and stop requests
 (lcmtool.distill.checkpoint), the progress bar, metrics.jsonl, TensorBoard and loss.png (lcmtool.distill.monitor)
 and the LoRA writer (lcmtool.distill.student). Outputs in --out: lora.safetensors (or pipeline/, a diffusers
 folder, with --full), validation.png (DPM-Solver++ at CFG 7.5), loss.png, metrics.jsonl, config.yaml, summary.json.

@@ -6,6 +6,7 @@ listing, model and run folder (`open_run`), the latent cache (`latent_data`) and
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,25 @@ class Opened:
     model_id: str
 
 
+def make_accelerator(cfg, out: Path):
+    """accelerate does mixed precision, gradient accumulation and DDP; -> (accelerator, tracker, mixed precision)."""
+    import torch
+    from accelerate import Accelerator
+
+    from lcmtool.distill.monitor import tensorboard_tracker
+
+    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if not use_cpu and not torch.cuda.is_available():
+        raise LcmError(f"device {cfg.device} requested but CUDA is not available")
+    if cfg.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(int(cfg.device.split(":")[1]))
+    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("no" if use_cpu else "bf16")
+    tracker = tensorboard_tracker(cfg.report_to)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=use_cpu,
+                              log_with=tracker, project_dir=str(out) if tracker else None)
+    return accelerator, tracker, mp
+
+
 def open_run(cfg, out: Path, family: str = "auto") -> Opened:
     """Machine -> data listing -> model (a mismatch with the expected `family` is an error) -> run folder (with
     config.yaml, only once the inputs are checked) -> TensorBoard with the config's scalars."""
@@ -34,7 +54,6 @@ def open_run(cfg, out: Path, family: str = "auto") -> Opened:
     from lcmtool.distill import checkpoint as ckpt
     from lcmtool.distill import data as D
     from lcmtool.distill.teacher import load_teacher
-    from lcmtool.engines.distill import make_accelerator
 
     accelerator, tracker, mp = make_accelerator(cfg, out)
     set_seed(cfg.seed)

@@ -1,0 +1,229 @@
+"""Issue 13's engine features on the tiny demo teachers (CPU, a few steps): full LCD (lora_rank 0) with an SVD
+LoRA extract, init_lora, the lr schedules, and the held-out validation hook with its best checkpoint."""
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import test_distill_run as base
+import torch
+
+from lcmtool.distill import lcd as lcd_mod
+from lcmtool.distill import student
+from lcmtool.engines import distill_eval
+from lcmtool.engines.distill import distill
+from lcmtool.lora.io import load_lora
+
+teachers, cache = base.teachers, base.cache  # the module-scoped fixtures (tiny demo teachers, latent cache)
+cfg_for, lora_of = base.cfg_for, base.lora_of
+SHIPPED_SD = Path(__file__).resolve().parents[1] / "lcmtool" / "demo" / "assets" / "lcm-lora-demo-sd.safetensors"
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def fixed_draw_loss_full(teacher_unet, student_unet, cfg, cache_root: str) -> float:
+    """The LCD loss of a whole student UNet against the frozen teacher on 8 fixed (t, w, noise) draws."""
+    from diffusers import DDPMScheduler
+
+    from lcmtool.distill.data import LatentCache
+
+    abar = DDPMScheduler.from_pretrained(str(Path(cfg.model) / "scheduler")).alphas_cumprod.double()
+    grid = lcd_mod.SkippingGrid(abar)
+    data = LatentCache(Path(cache_root), 0)
+    b = data.batch(0, len(data))
+    z, cond = b["latents"].float(), b["prompt_embeds"].float()
+    unc = data.text["uncond_embeds"].float().expand_as(cond)
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(8):
+            index, t, tp, w, noise = lcd_mod.draw(g, grid, z.shape, cfg.w_min, cfg.w_max)
+            z_t = lcd_mod.add_noise(z, noise, t, abar)
+            pred, target = student.lcd_pred_target(student_unet, student_unet, z_t, t, tp, index, w, cond, unc, None,
+                                                   None, grid, abar, "epsilon", 10.0, torch.no_grad,
+                                                   teacher=teacher_unet)
+            total += lcd_mod.distance(pred, target, cfg.loss, cfg.huber_c).item() / 8
+    return total
+
+
+def test_full_lcd_lowers_the_loss_saves_a_diffusers_unet_and_an_exact_extract(teachers, cache, tmp_path):
+    """lora_rank 0: the whole UNet trains against a frozen copy; unet/ loads with diffusers and distils better than
+    the teacher itself; a full-rank extract_rank LoRA fused into the teacher gives the student's targeted weights."""
+    from diffusers import UNet2DConditionModel
+
+    from lcmtool.lora.fuse import fuse_into_unet
+
+    cfg = cfg_for(teachers, cache, tmp_path, lora_rank=0, extract_rank=4096, max_steps=12, num_samples=4,
+                  batch_size=4, lr=2e-4, save_dtype="fp32")
+    s = distill(cfg)
+    assert s["full"] and Path(s["unet"], "config.json").is_file()
+    trained = UNet2DConditionModel.from_pretrained(s["unet"])
+    teacher = UNet2DConditionModel.from_pretrained(str(teachers / "sd" / "unet"))
+    before = fixed_draw_loss_full(teacher, copy.deepcopy(teacher), cfg, s["cache"])
+    after = fixed_draw_loss_full(teacher, trained, cfg, s["cache"])
+    assert after < 0.9 * before, (before, after)
+    losses = [r["loss"] for r in records(tmp_path)]
+    assert len(losses) == 12
+    # the extract: exact at full rank for every targeted Linear / Conv2d weight
+    lf = load_lora(s["lora"])
+    fused = copy.deepcopy(teacher)
+    fuse_into_unet(fused, [(lf, 1.0)])
+    f_mods, t_mods = dict(fused.named_modules()), dict(trained.named_modules())
+    changed = 0
+    for name, mod in teacher.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and student.targeted(name, cfg.target_modules):
+            err = (f_mods[name].weight - t_mods[name].weight).abs().max().item()
+            assert err < 1e-5, (name, err)
+            changed += name in lf.modules
+    assert changed == len(lf.modules) > 50
+
+
+def test_full_lcd_resume_is_bit_identical(teachers, cache, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    distill(cfg_for(teachers, cache, straight, lora_rank=0, max_steps=3, lr=1e-4))
+    with base.raising_in_call(monkeypatch, 3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+        distill(cfg_for(teachers, cache, tmp_path / "resumed", lora_rank=0, max_steps=3, lr=1e-4))
+    distill(cfg_for(teachers, cache, tmp_path / "resumed", lora_rank=0, max_steps=3, lr=1e-4, resume="latest"))
+    a, b = lora_of(straight / "checkpoints" / "step-0000003"), lora_of(tmp_path / "resumed" / "checkpoints" /
+                                                                        "step-0000003")
+    assert len(a) == len(b) > 100 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_init_lora_step_0_student_is_base_plus_delta(teachers):
+    """The shipped demo LCM-LoRA (kohya; rank 16 on linears, 8 on convs) loaded into peft layers: the student's
+    output equals the base UNet with the file's delta fused in, within 1e-5."""
+    from diffusers import UNet2DConditionModel
+
+    from lcmtool.lora.fuse import fuse_into_unet
+
+    lf = load_lora(SHIPPED_SD)
+    unet = UNet2DConditionModel.from_pretrained(str(teachers / "sd" / "unet"))
+    fused = copy.deepcopy(unet)
+    fuse_into_unet(fused, [(lf, 1.0)])
+    unet.requires_grad_(False)
+    params = student.add_lora_from(unet, lf)
+    assert len(params) == 2 * len(lf.modules)
+    assert {m.rank for m in lf.modules.values()} == {8, 16}  # mixed ranks: rank_pattern is exercised
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    cond = torch.randn(2, 24, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([999, 259])
+    with torch.no_grad():
+        got = unet(z, t, encoder_hidden_states=cond).sample
+        want = fused(z, t, encoder_hidden_states=cond).sample
+        with student.adapters_off(unet):
+            plain = unet(z, t, encoder_hidden_states=cond).sample
+    assert (got - want).abs().max().item() < 1e-5
+    assert (got - plain).abs().max().item() > 1e-2  # the delta is there
+    exported = student.lora_modules(unet)  # and it exports back to the same delta
+    for name, m in lf.modules.items():
+        assert torch.allclose(exported[name].delta(), m.delta(), atol=1e-6), name
+
+
+def test_init_lora_run_continues_from_the_file(teachers, cache, tmp_path):
+    s = distill(cfg_for(teachers, cache, tmp_path, init_lora=str(SHIPPED_SD), max_steps=2, lr=1e-4))
+    out, shipped = load_lora(s["lora"]), load_lora(SHIPPED_SD)
+    assert set(out.modules) == set(shipped.modules)
+    assert {n: m.rank for n, m in out.modules.items()} == {n: m.rank for n, m in shipped.modules.items()}
+    rel = max((out.modules[n].delta() - m.delta()).norm().item() / m.delta().norm().item()
+              for n, m in shipped.modules.items())
+    assert 0 < rel < 0.2  # moved a little from the file, not from zero
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine"])
+def test_lr_schedules_start_above_zero_and_never_reach_it(kind):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = student.lr_schedule(opt, warmup_steps=4, kind=kind, max_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])  # the lr optimizer step s (1-based) runs at
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    if kind == "constant":
+        assert lrs[4:] == [1.0] * 16
+    else:  # cosine over max_steps + 1: from 1 down, strictly, and never 0 within the run
+        assert all(a > b for a, b in zip(lrs[3:], lrs[4:], strict=False)) and 0 < lrs[-1] < 0.01
+        assert lrs[11] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 17)))
+
+
+def test_best_checkpoint_selection_picks_the_lower_score():
+    assert distill_eval.is_better(30.0, None) and distill_eval.is_better(20.0, 30.0)
+    assert not distill_eval.is_better(40.0, 30.0) and not distill_eval.is_better(30.0, 30.0)
+    assert not distill_eval.is_better(float("nan"), None) and not distill_eval.is_better(None, 30.0)
+    best = None
+    for score in (35.0, 21.5, 27.0):  # two synthetic scores after a first: the better (21.5) is kept
+        if distill_eval.is_better(score, best):
+            best = score
+    assert best == 21.5
+
+
+def hooked(teachers, cache, out, **kw):
+    return cfg_for(teachers, cache, out, max_steps=4, eval_every=2, eval_images=8, **kw)
+
+
+def test_held_out_hook_logs_scores_and_keeps_the_best(teachers, cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s = distill(hooked(teachers, cache, tmp_path, report_to="tensorboard"))
+    evals = [r for r in records(tmp_path) if "eval_s" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        for steps in (2, 4):
+            assert math.isfinite(r[f"eval_lcm{steps}_fd"]) and r[f"eval_lcm{steps}_fd"] > 0
+            assert all(0 <= r[f"eval_lcm{steps}_{k}"] <= 1 for k in ("shape_acc", "color_acc", "position_acc"))
+    best = min(evals, key=lambda r: r["eval_lcm4_fd"])
+    state = json.loads((tmp_path / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert state["step"] == best["step"] and state["eval"]["eval_lcm4_fd"] == best["eval_lcm4_fd"]
+    assert s["best_score"] == best["eval_lcm4_fd"] and (tmp_path / "lcm-lora-best.safetensors").is_file()
+    assert s["eval_lcm4_fd"] == evals[-1]["eval_lcm4_fd"]
+    acc = EventAccumulator(str(next((tmp_path / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval_lcm4_fd")] == [2, 4]
+    from PIL import Image
+
+    with Image.open(tmp_path / "loss.png") as im:
+        assert im.height == 800  # the loss chart and the held-out score chart below it
+
+
+def test_resume_with_the_hook_on_is_bit_identical(teachers, cache, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    distill(hooked(teachers, cache, straight))
+    resumed = tmp_path / "resumed"  # Ctrl-C in step 4, after step 2's eval and step 3
+    with base.raising_in_call(monkeypatch, 4, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+        distill(hooked(teachers, cache, resumed))
+    distill(hooked(teachers, cache, resumed, resume="latest"))
+    a, b = lora_of(straight / "checkpoints" / "step-0000004"), lora_of(resumed / "checkpoints" / "step-0000004")
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    strip = [{k: v for k, v in r.items() if k not in ("eval_s", "samples_per_s", "elapsed_s")} for r in
+             records(straight)]
+    assert strip == [{k: v for k, v in r.items() if k not in ("eval_s", "samples_per_s", "elapsed_s")}
+                     for r in records(resumed)]
+    best_a = json.loads((straight / "checkpoints" / "best" / "trainer_state.json").read_text())
+    best_b = json.loads((resumed / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert best_a["step"] == best_b["step"] and best_a["eval"] == best_b["eval"]
+    assert all(torch.equal(x, y) for x, y in zip(lora_of(straight / "checkpoints" / "best"),
+                                                 lora_of(resumed / "checkpoints" / "best"), strict=True))
+
+
+def test_hook_on_a_model_without_evaluator_makes_the_grid(teachers, cache, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 20, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo number {i}")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\n\na blue house\n")
+    distill(cfg_for(teachers, cache, tmp_path / "run", data=str(folder), max_steps=1, eval_every=1, eval_images=4,
+                    eval_prompts=str(prompts)))
+    assert (tmp_path / "run" / "validation" / "eval-step-0000001.png").is_file()
+    evals = [r for r in records(tmp_path / "run") if "eval_s" in r]
+    assert len(evals) == 1 and set(evals[0]) == {"step", "eval_s"}
+    assert not (tmp_path / "run" / "checkpoints" / "best").exists()

@@ -154,7 +154,6 @@ def setup(cfg: DistillConfig, out: Path, log) -> Run:
 
 def resume(run: Run) -> TrainState:
     """A fresh state, or the one of `cfg.resume`: tensors, optimizer, schedule, step; metrics.jsonl cut to it."""
-
     from lcmtool.config import to_dict
 
     state = TrainState()

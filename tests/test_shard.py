@@ -35,7 +35,16 @@ def sample_cmd(model: str, prompts: Path, out: Path, *extra) -> list[str]:
             "1", "--lora", "none", "--batch-size", "2", "--device", "cpu", "--json", "--out", str(out), *extra]
 
 
-def run(args: list[str], nproc: int = 1, port: int = 29541) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    port = free_port()
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                                   str(port)] if nproc > 1 else [])
     r = subprocess.run(launch + args, capture_output=True, text=True, env=ENV, timeout=180)
@@ -76,7 +85,7 @@ def test_two_processes_write_every_image_once_and_rerun_skips(demo_sd, tmp_path)
     for r in two:
         assert int(np.abs(pixels(r["path"]) - pixels(one[Path(r["path"]).name]["path"])).max()) <= TOL
     assert not any(r["skipped"] for r in two)
-    again = records(run(sample_cmd(demo_sd, pf, tmp_path / "two"), nproc=2, port=29542))
+    again = records(run(sample_cmd(demo_sd, pf, tmp_path / "two"), nproc=2))
     assert sorted(r["path"] for r in again) == sorted(r["path"] for r in two) and all(r["skipped"] for r in again)
     assert len(list((tmp_path / "two").glob("*.png"))) == 6
 

@@ -33,7 +33,7 @@ def parse_run(spec: str) -> tuple[str, int, float | None]:
 
 def compare(cfg: CompareConfig) -> dict:
     """`lcmtool compare`: one grid, rows = prompt x seed, columns = scheduler:steps, each with its ms/image."""
-    from lcmtool.config import write_resolved
+    from lcmtool.config import published_with
     from lcmtool.models.pipeline import FastSampler
     from lcmtool.outputs.png import grid, save_png
 
@@ -42,6 +42,8 @@ def compare(cfg: CompareConfig) -> dict:
     if not cfg.runs:
         raise LcmError("compare needs at least one run (scheduler:steps)")
     runs = [parse_run(r.strip()) for item in cfg.runs for r in item.split(",") if r.strip()]  # "a,b" or repeated
+    if not runs:
+        raise LcmError("compare needs at least one run (scheduler:steps)")
     guid = [check_guidance(s, g, any(j.negative_prompt for j in jobs), n) for s, n, g in runs]
     explicit = parse_loras(cfg.lora)
     distilled = [s in ("lcm", "tcd") for s, _, _ in runs]
@@ -85,7 +87,7 @@ def compare(cfg: CompareConfig) -> dict:
               "runs": [{"scheduler": s, "steps": n, "guidance": guid[i], "lora": bool(distilled[i] and loras),
                         "ms_per_image": round(timings[i], 2)} for i, (s, n, _) in enumerate(runs)],
               "loras": lora_meta, "rows": [dataclasses.asdict(j) for j in jobs], "version": __version__}
-    save_png(img, out, result, a1111=False)
-    write_resolved(cfg, out.with_suffix(".yaml"))
+    with published_with(cfg, out):  # the grid and its resolved config: both or neither
+        save_png(img, out, result, a1111=False)
     return result
 

@@ -6,6 +6,7 @@ Every problem is an LcmError naming the flag; warnings go to stderr once each.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,9 @@ def read_prompts(prompt: str | None, prompts: str | None, negative: str, seed: i
             text, where = sys.stdin.read(), "stdin"
         else:
             p = Path(prompts)
-            if not p.is_file():
+            if p.is_dir():
+                raise LcmError(f"prompts file {prompts} is a folder")
+            if not p.exists():  # a pipe (<(echo x)) or a character device (/dev/null) reads like a file
                 raise LcmError(f"prompts file not found: {prompts}")
             try:
                 text, where = p.read_text(encoding="utf-8"), prompts
@@ -105,6 +108,8 @@ def parse_loras(specs: list[str]) -> list[tuple[str, float]] | None:
                 path, weight = head, float(tail)
             except ValueError:
                 pass
+            if not math.isfinite(weight):
+                raise LcmError(f"--lora {s}: the weight must be a finite number")
         if not Path(path).is_file():
             raise LcmError(f"LoRA file not found: {path}")
         out.append((path, weight))
@@ -139,8 +144,8 @@ def check_steps(scheduler: str, steps: int, timesteps: list[int] | None) -> int:
 
 def check_guidance(scheduler: str, guidance: float | None, negatives: bool, steps: int) -> float:
     g = DEFAULT_GUIDANCE[scheduler] if guidance is None else float(guidance)
-    if g < 0:
-        raise LcmError(f"--guidance must be >= 0, got {g}")
+    if not math.isfinite(g) or g < 0:
+        raise LcmError(f"guidance must be a finite number >= 0, got {g}")
     if scheduler in ("lcm", "tcd") and g > 2:
         warn(f"guidance {g} > 2 with {scheduler.upper()} over-saturates images; LCM-LoRA is distilled for 1-2")
     if negatives and g <= 1:

@@ -66,3 +66,22 @@ def test_the_doc_table_lists_exactly_the_cases():
     want = {(c.command, f"`{c.option}`" if c.option else "", f"`{c.value}`" if c.value else "") for c in CASES}
     assert rows == want, (f"docs/input-validation.md is stale (python tools/validation_table.py): missing "
                           f"{sorted(want - rows)[:5]}, extra {sorted(rows - want)[:5]}")
+
+
+def test_prompts_from_a_pipe_and_dev_null(tmp_path):
+    """`--prompts <(echo x)` reads the pipe; /dev/null is "no prompts", not "not found" (issue 18 item 9)."""
+    import os
+    import threading
+
+    from lcmtool.engines.inputs import read_prompts
+    from lcmtool.errors import LcmError
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t = threading.Thread(target=lambda: fifo.write_text("a red circle\na blue square\n"))
+    t.start()
+    jobs = read_prompts(None, str(fifo), "", 3, 1)
+    t.join()
+    assert [(j.prompt, j.seed) for j in jobs] == [("a red circle", 3), ("a blue square", 3)]
+    with pytest.raises(LcmError, match="has no prompts"):
+        read_prompts(None, "/dev/null", "", 0, 1)

@@ -19,6 +19,7 @@ import contextlib
 import errno as E
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -341,3 +342,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float as None, so that the report is valid JSON (no bare NaN / Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -12,7 +12,7 @@ import torch
 from lcmtool import __version__
 from lcmtool.config import published_with
 from lcmtool.errors import LcmError
-from lcmtool.fileio import sha256_file
+from lcmtool.fileio import json_safe, sha256_file
 from lcmtool.lora.io import LoraFile, LoraModule, base_metadata, layout, load_lora, save_lora
 from lcmtool.lora.metadata import portable
 from lcmtool.lora.stfile import HASH_KEYS
@@ -37,17 +37,6 @@ def _frob(m: LoraModule) -> float:
 
 def _nonfinite(m: LoraModule) -> int:
     return int((~torch.isfinite(m.A)).sum()) + int((~torch.isfinite(m.B)).sum())
-
-
-def json_safe(obj):
-    """`obj` with every non-finite float as None, so that the report is valid JSON (no bare NaN / Infinity)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def run_inspect(cfg: InspectConfig) -> dict:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from lcmtool.engines.paper import ACC_BOUND, FD_BOUND, STYLE_BOUND, TABLE1, WEAK_STYLE, row_of, within
+from lcmtool.fileio import json_safe as finite  # noqa: F401 - results.json is strict JSON (paper.py calls it)
 
 NAMES = {"lcm": "LCM", "dpmpp": "DPM-Solver++", "ddim": "DDIM"}
 FIG_ROWS = 4  # prompts per figure
@@ -88,17 +89,6 @@ BARS = {"lcd": f"LCM 4 attribute accuracy >= {ACC_BOUND}x and FD-demo <= {FD_BOU
                         "the SD LoRA refused on the XL teacher",
         "style": f"merged tau'_LCM (0.8, 1.0) at LCM 4 keeps >= {STYLE_BOUND:.0%} of the style LoRA's "
                  f"DPM-Solver++ 25 style accuracy, attribute accuracy >= {ACC_BOUND}x, every style"}
-
-
-def finite(obj):
-    """NaN and infinite numbers as null, so that results.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

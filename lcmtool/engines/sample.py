@@ -136,11 +136,18 @@ def generate(pipe, jobs: list[Job], scheduler: str, steps: int, guidance: float,
     The negative prompt counts only at guidance > 1 (no CFG pass otherwise)."""
     import torch
 
+    from lcmtool.models.pipeline import NonFiniteImage
+
     sampler = sampler or sampler_of(pipe)
     negatives = [j.negative_prompt if guidance > 1 else "" for j in jobs]
     t0 = time.perf_counter()
-    images = sampler([j.prompt for j in jobs], negatives, [j.seed for j in jobs], pipe.scheduler, steps, guidance,
-                     height, width, timesteps=timesteps, eta=gamma if scheduler == "tcd" else None)
+    try:
+        images = sampler([j.prompt for j in jobs], negatives, [j.seed for j in jobs], pipe.scheduler, steps,
+                         guidance, height, width, timesteps=timesteps, eta=gamma if scheduler == "tcd" else None)
+    except NonFiniteImage as e:
+        j = jobs[e.positions[0]]
+        raise LcmError(f"the model produced NaN/inf pixels for prompt {j.prompt!r} (seed {j.seed}); no image saved "
+                       "(non-finite weights in the model or a LoRA?)") from None
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return images, (time.perf_counter() - t0) * 1000

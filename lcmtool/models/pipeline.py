@@ -40,6 +40,14 @@ def _has_adapters(module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
+class NonFiniteImage(ValueError):
+    """The decoded pixels of these batch positions hold NaN or inf (what is there is not an image)."""
+
+    def __init__(self, positions: list[int]):
+        super().__init__(f"non-finite pixels in batch positions {positions}")
+        self.positions = positions
+
+
 class FastSampler:
     """Sampling with `pipe`'s components; `sampler(prompts, negatives, seeds, ...)` -> uint8 images or PIL."""
 
@@ -239,8 +247,12 @@ class FastSampler:
             torch.compiler.cudagraph_mark_step_begin()
         t0 = time.perf_counter()
         image = self._decode(latents)
+        finite = torch.isfinite(image).flatten(1).all(1)  # clamp would turn NaN into a black image, silently
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()  # diffusers' denormalize, pt_to_numpy
         out = (image * 255).round().to(torch.uint8).cpu()                      # and numpy_to_pil
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]  # one sync, after the copy above
+        if bad:
+            raise NonFiniteImage(bad)
         self._note_compile(("decode", tuple(latents.shape)), t0)
         return out
 

@@ -138,3 +138,16 @@ def test_resolved_config_written_beside_merge_output(tmp_path):
     assert r.exit_code == 0, r.output
     cfg = yaml.safe_load((tmp_path / "m.yaml").read_text())
     assert cfg["lambda1"] in (0.5, "0.5") and cfg["method"] == "concat" and cfg["out"] == str(out)
+
+
+def test_written_metadata_holds_no_local_folders(tmp_path):
+    """Issue 16 item 6: a resolved config in LoRA metadata names local files by their names only."""
+    from lcmtool.lora.metadata import portable_values
+
+    f = tmp_path / "teacher"
+    f.mkdir()
+    rec = {"model": str(f), "out": "/abs/run/dir", "data": "demo:shapes", "rel": "runs/x", "n": 3,
+           "nested": {"resume": str(f), "prompts": ["a/b is text"]}}
+    got = portable_values(rec)
+    assert got == {"model": "teacher", "out": "dir", "data": "demo:shapes", "rel": "runs/x", "n": 3,
+                   "nested": {"resume": "teacher", "prompts": ["a/b is text"]}}

@@ -336,8 +336,11 @@ def save_lora(run: Run, state: TrainState, name: str = "lcm-lora-best.safetensor
     from lcmtool.models.load import torch_dtype
 
     cfg, modules = run.cfg, None
-    meta = {"lcmtool_version": __version__, "lcmtool_kind": "tau_lcm", "base_model": cfg.model, "family": run.family,
-            "steps": str(state.step), "rank": str(cfg.lora_rank), "alpha": str(cfg.lora_alpha), "config": to_dict(cfg)}
+    from lcmtool.lora.metadata import portable_values
+
+    meta = portable_values({
+        "lcmtool_version": __version__, "lcmtool_kind": "tau_lcm", "base_model": cfg.model, "family": run.family,
+        "steps": str(state.step), "rank": str(cfg.lora_rank), "alpha": str(cfg.lora_alpha), "config": to_dict(cfg)})
     if not cfg.lora_rank:
         if not cfg.extract_rank:
             return None

@@ -298,11 +298,10 @@ def save_pipeline(run: Tune, folder: Path) -> None:
     import shutil
     import tempfile
 
-    import torch
-
     from lcmtool.fileio import atomic_write_json, publish_dir
+    from lcmtool.models.load import torch_dtype
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg.save_dtype]
+    dtype = torch_dtype(run.cfg.save_dtype)
     pipe = run.pipe
     pipe.unet = run.raw_unet.to("cpu", dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -317,8 +316,6 @@ def save_pipeline(run: Tune, folder: Path) -> None:
 
 def finish(run: Tune, state: TrainState, elapsed: float) -> dict:
     """Final checkpoint, validation grid, the LoRA file or pipeline folder, loss curve, summary.json."""
-    import torch
-
     from lcmtool import __version__
     from lcmtool.config import to_dict
     from lcmtool.distill.student import save_tau_lcm
@@ -338,12 +335,14 @@ def finish(run: Tune, state: TrainState, elapsed: float) -> dict:
             save_pipeline(run, out / "pipeline")
             summary["pipeline"] = str(out / "pipeline")
         else:
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+            from lcmtool.lora.metadata import portable_values
+            from lcmtool.models.load import torch_dtype
+
             path = out / "lora.safetensors"
-            save_tau_lcm(run.raw_unet, path, cfg.format, run.family, dtype, {
+            save_tau_lcm(run.raw_unet, path, cfg.format, run.family, torch_dtype(cfg.save_dtype), portable_values({
                 "lcmtool_version": __version__, "lcmtool_kind": "style_lora", "base_model": cfg.model,
                 "family": run.family, "style": style_of(cfg), "steps": str(state.step), "rank": str(cfg.lora_rank),
-                "alpha": str(cfg.lora_alpha), "config": to_dict(cfg)})
+                "alpha": str(cfg.lora_alpha), "config": to_dict(cfg)}))
             summary.update(lora=str(path), format=cfg.format)
         summary.update(validation=str(out / "validation.png"), loss_curve=str(out / "loss.png"))
         atomic_write_json(out / "summary.json", summary)

@@ -31,6 +31,21 @@ def portable(path: str | Path) -> str:
     return Path(str(path)).name
 
 
+def portable_values(record: dict) -> dict:
+    """`record` (a resolved config) with every local path reduced to its file name (issue 16: written metadata
+    holds no absolute local paths); specs such as demo:sd or a hub id are kept."""
+    def one(v):
+        if isinstance(v, str) and (Path(v).is_absolute() or (("/" in v or "\\" in v) and Path(v).exists())):
+            return portable(v)
+        if isinstance(v, dict):
+            return {k: one(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return v
+
+    return one(record)
+
+
 def modelspec(family: str | None, title: str, sgm_names: bool, lora: bool = True,
               resolution: str | None = None) -> dict[str, str]:
     """The ModelSpec keys of a file lcmtool writes (MUST: sai_model_spec, architecture, implementation, title,

@@ -136,13 +136,12 @@ def add_init_lora(run: Run, unet) -> list:
 
 def setup(cfg: DistillConfig, out: Path, log) -> Run:
     """Machine -> data listing -> teacher -> run folder -> noise schedule -> latent cache -> student -> hook."""
-    import torch
 
     from lcmtool.distill.teacher import noise_schedule
 
     opened = open_run(cfg, out, cfg.family)
     prediction_type, alphas_cumprod, grid = noise_schedule(opened.pipe, cfg.num_ddim_timesteps)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opened.mixed_precision, torch.float32)
+    weight_dtype = opened.weight_dtype
     dataset, root, uncond = latent_data(cfg, opened, weight_dtype, log)
     run = Run(cfg, out, log, opened.accelerator, opened.tracker, opened.pipe, opened.family, dataset, root, grid,
               alphas_cumprod, prediction_type, weight_dtype, uncond=uncond)

@@ -101,14 +101,13 @@ def add_trainable(run: Tune) -> None:
 
 def setup(cfg: FinetuneConfig, out: Path, log) -> Tune:
     """Machine -> data listing -> model -> run folder -> noise schedule -> latent cache -> trainable weights."""
-    import torch
 
     from lcmtool.distill.teacher import noise_schedule
     from lcmtool.engines.training import latent_data, open_run
 
     opened = open_run(cfg, out)
     prediction_type, alphas_cumprod, _ = noise_schedule(opened.pipe, 50)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opened.mixed_precision, torch.float32)
+    weight_dtype = opened.weight_dtype
     dataset, root, uncond = latent_data(cfg, opened, weight_dtype, log)
     run = Tune(cfg, out, log, opened.accelerator, opened.tracker, opened.pipe, opened.family, dataset, root,
                alphas_cumprod, prediction_type, weight_dtype, uncond)

@@ -25,6 +25,13 @@ class Opened:
     family: str
     model_id: str
 
+    @property
+    def weight_dtype(self):
+        """The frozen weights' and cached embeddings' dtype: the autocast dtype, fp32 without mixed precision."""
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
+
 
 def make_accelerator(cfg, out: Path):
     """accelerate does mixed precision, gradient accumulation and DDP; -> (accelerator, tracker, mixed precision)."""

@@ -36,15 +36,17 @@ def emit_json(obj: dict) -> None:
 
 def err(msg: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {msg}")
+    # the message is text, not markup: a value like [sd, zz] or a path with [brackets] must print as it is
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}")
 
 
 def say(msg: str) -> None:
     """A human-readable result line on stderr (stdout stays for --json)."""
     from rich.console import Console
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(msg)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(msg, markup=False)
 
 
 def handled(fn):

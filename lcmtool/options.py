@@ -224,7 +224,7 @@ class FinetuneConfig:
     batch_size: int = opt(256, min=1)
     grad_accum: int = opt(1, min=1)
     lr: float = opt(1e-3, gt=0)
-    lr_scheduler: Literal["constant", "cosine"] = opt("cosine")  # diffusers.optimization, after warmup_steps
+    lr_schedule: Literal["constant", "cosine"] = opt("cosine")  # diffusers.optimization, after warmup_steps
     warmup_steps: int = opt(100, min=0)
     adam_beta1: float = opt(0.9, min=0, lt=1)
     adam_beta2: float = opt(0.999, min=0, lt=1)

@@ -21,9 +21,10 @@ run() {  # name model prompts-file sample-args...
 }
 for m in sd xl; do
   run $m-dpmpp25-cfg7.5 demo:$m "$R/heldout.txt" --scheduler dpmpp --steps 25 --guidance 7.5
-  # the teacher's guidance response: the demo distillation range w in [2, 6.5] is CFG 3 to 7.5
+  # the teacher's guidance response: the demo distillation's w in [2, 6.5] is CFG 3 to 7.5 (stage 2: w = 2, CFG 3)
   for g in 3 5 10; do run $m-dpmpp25-cfg$g demo:$m "$R/heldout.txt" --scheduler dpmpp --steps 25 --guidance $g; done
   run $m-dpmpp4-cfg7.5 demo:$m "$R/heldout.txt" --scheduler dpmpp --steps 4 --guidance 7.5
+  run $m-dpmpp8-cfg7.5 demo:$m "$R/heldout.txt" --scheduler dpmpp --steps 8 --guidance 7.5  # issue 13: LCM 2 < this
   run $m-ddim4-cfg7.5 demo:$m "$R/heldout.txt" --scheduler ddim --steps 4 --guidance 7.5
   for s in 1 2 4 8; do run $m-lcm$s demo:$m "$R/heldout.txt" --scheduler lcm --steps $s; done
 done

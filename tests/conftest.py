@@ -10,6 +10,23 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Random-weight demo pipelines saved as diffusers folders <root>/sd and <root>/xl (distill and finetune runs)."""
+    from lcmtool.demo.arch import build_pipeline
+
+    root = tmp_path_factory.mktemp("teachers")
+    for fam in ("sd", "xl"):
+        build_pipeline(fam, seed=0).save_pretrained(root / fam)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A latent cache root shared by the runs of one test module."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -16,7 +16,6 @@ from lcmtool import fileio
 from lcmtool.distill import checkpoint as ckpt
 from lcmtool.engines.distill import distill
 
-teachers, cache = base.teachers, base.cache  # the module-scoped fixtures (tiny demo teachers, latent cache)
 cfg_for, lora_of = base.cfg_for, base.lora_of
 
 

@@ -15,7 +15,6 @@ from lcmtool.engines import distill_eval
 from lcmtool.engines.distill import distill
 from lcmtool.lora.io import load_lora
 
-teachers, cache = base.teachers, base.cache  # the module-scoped fixtures (tiny demo teachers, latent cache)
 cfg_for, lora_of = base.cfg_for, base.lora_of
 SHIPPED_SD = Path(__file__).resolve().parents[1] / "lcmtool" / "demo" / "assets" / "lcm-lora-demo-sd.safetensors"
 
@@ -227,3 +226,25 @@ def test_hook_on_a_model_without_evaluator_makes_the_grid(teachers, cache, tmp_p
     evals = [r for r in records(tmp_path / "run") if "eval_s" in r]
     assert len(evals) == 1 and set(evals[0]) == {"step", "eval_s"}
     assert not (tmp_path / "run" / "checkpoints" / "best").exists()
+
+
+def test_conv_patterns_name_only_targeted_convs_so_peft_warns_of_nothing():
+    """conv_rank's rank_pattern holds exactly the 3x3 convs that target_modules select (conv_in / conv_out are
+    3x3 but untargeted: a pattern key for them made peft warn on every distill run)."""
+    import warnings
+
+    from lcmtool.demo.arch import build_pipeline
+    from lcmtool.lora.formats import LCM_TARGETS
+
+    unet = build_pipeline("sd", seed=0).unet
+    ranks, alphas = student.conv_patterns(unet, 4, 4.0, list(LCM_TARGETS))
+    convs = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)}
+    assert {"conv_in", "conv_out"} <= convs and not {"conv_in", "conv_out"} & set(ranks)
+    assert ranks and set(ranks) == set(alphas) and all(r == 4 for r in ranks.values())
+    assert all(n.split(".")[-1] in ("conv1", "conv2", "conv") for n in ranks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft's "rank_pattern keys did not match" is a RuntimeWarning
+        params = student.add_lora(unet, 8, 8.0, list(LCM_TARGETS), ranks, alphas)
+    conv_lora = dict(unet.named_modules())["down_blocks.0.resnets.0.conv1"].lora_A["default"]
+    assert params and conv_lora.weight.shape[0] == 4
+    assert student.conv_patterns(unet, 0, 0.0, list(LCM_TARGETS)) == ({}, {})

@@ -22,21 +22,6 @@ from lcmtool.errors import LcmError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    from lcmtool.demo.arch import build_pipeline
-
-    root = tmp_path_factory.mktemp("teachers")
-    for fam in ("sd", "xl"):
-        build_pipeline(fam, seed=0).save_pretrained(root / fam)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def cfg_for(teachers, cache, out, fam="sd", **kw):
     base = dict(model=str(teachers / fam), out=str(out), device="cpu", num_samples=8, batch_size=2, max_steps=4,
                 lora_rank=4, lora_alpha=4, warmup_steps=1, lr=1e-3, checkpoint_every=0, validate_every=0,

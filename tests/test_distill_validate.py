@@ -14,7 +14,6 @@ from lcmtool.engines.sample import sample
 from lcmtool.options import SampleConfig
 from lcmtool.outputs import grid as grids
 
-teachers, cache = base.teachers, base.cache  # the module-scoped fixtures (tiny demo teachers, latent cache)
 PROMPTS = ["a large red circle on the left", "a small blue square at the top"]
 
 

@@ -10,24 +10,9 @@ from lcmtool.errors import LcmError
 from lcmtool.options import FinetuneConfig
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    from lcmtool.demo.arch import build_pipeline
-
-    root = tmp_path_factory.mktemp("teachers")
-    for fam in ("sd", "xl"):
-        build_pipeline(fam, seed=0).save_pretrained(root / fam)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def cfg_for(teachers, cache, out, fam="sd", **kw):
     base = dict(model=str(teachers / fam), out=str(out), device="cpu", data="demo:shapes:outline", num_samples=8,
-                batch_size=8, max_steps=10, lr=1e-2, warmup_steps=0, lr_scheduler="constant", validation_steps=[2],
+                batch_size=8, max_steps=10, lr=1e-2, warmup_steps=0, lr_schedule="constant", validation_steps=[2],
                 validation_prompts=["a large red circle on the left, outline style"], log_every=1,
                 cache_dir=str(cache), report_to="none")
     base.update(kw)
@@ -118,7 +103,7 @@ def test_full_writes_a_pipeline_that_plain_diffusers_loads(teachers, cache, tmp_
     pipe = StableDiffusionPipeline.from_pretrained(s["pipeline"], torch_dtype=torch.float32)
     teacher = StableDiffusionPipeline.from_pretrained(str(teachers / "sd"), torch_dtype=torch.float32)
     assert fixed_draw_loss(pipe.unet, s["cache"]) < 0.8 * fixed_draw_loss(teacher.unet, s["cache"])
-    blob = torch.load(Path(s["checkpoint"]) / "training.pt", weights_only=True)["params"]
+    blob = torch.load(Path(s["checkpoint"]) / "training.pt", weights_only=True)["lora"]
     for p, q in zip(pipe.unet.parameters(), blob, strict=True):  # the folder holds the trained weights (fp16)
         torch.testing.assert_close(p, q.half().float(), rtol=0, atol=0)
     image = pipe("a large red circle on the left", num_inference_steps=2, output_type="np").images[0]
@@ -129,8 +114,8 @@ def test_resume_continues_the_straight_run(teachers, cache, tmp_path):
     straight = finetune(cfg_for(teachers, cache, tmp_path / "a", max_steps=4))
     finetune(cfg_for(teachers, cache, tmp_path / "b", max_steps=2))
     resumed = finetune(cfg_for(teachers, cache, tmp_path / "b", max_steps=4, resume="latest"))
-    a = torch.load(Path(straight["checkpoint"]) / "training.pt", weights_only=True)["params"]
-    b = torch.load(Path(resumed["checkpoint"]) / "training.pt", weights_only=True)["params"]
+    a = torch.load(Path(straight["checkpoint"]) / "training.pt", weights_only=True)["lora"]
+    b = torch.load(Path(resumed["checkpoint"]) / "training.pt", weights_only=True)["lora"]
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 

@@ -6,8 +6,9 @@ processes (logs in --work), and `--waves 1,2` then `--waves 3` splits the recipe
 seeded; steps, batch sizes and the GPU time budgets live in RECIPE below, the style LoRAs' in configs/finetune/.
 Loss curves are saved as PNG beside the weights. On one H200 the three waves take ~100 s, ~180 s and ~270 s (the
 shipped run, README); on our 2-core CPU the VAE and teachers are far too slow (see README).
-The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-*.yaml` on the
-teachers written here (the `lcm` stage runs it; alone it takes 28-41 minutes on the 2-core CPU).
+The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-<fam>.yaml` and then
+`--config configs/distill/demo-<fam>-refine.yaml` (starting from the first LoRA) on the teachers written here (the
+`lcm` stage runs both; on the 2-core CPU the first takes 28-41 minutes alone, the second ~15-25).
 """
 from __future__ import annotations
 
@@ -344,14 +345,19 @@ def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
         # the shipped teacher is named by its spec (demo:sd), so the LoRA's metadata holds no local path
         shipped = out.resolve() == ASSETS.resolve()
         teacher = f"demo:{fam}" if shipped else str(out / f"demo-{fam}")
-        config = REPO / f"configs/distill/demo-{fam}.yaml"
-        subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config", str(config),
-                        "--model", teacher, "--out", str(run), "--set", f"device={dev}"]
-                       + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
-        shutil.copy(run / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
+        # two distillations (configs/distill/demo-<fam>.yaml, then demo-<fam>-refine.yaml from its LoRA): w in
+        # [2, 6.5], then w = 2 (issue 13: the student's FD-demo follows the guidance it is distilled at)
+        stage2 = work / f"lcm-run-{fam}-refine"
+        for config, dst, init in ((f"demo-{fam}", run, []),
+                                  (f"demo-{fam}-refine", stage2, ["--init-lora", str(run / "lcm-lora.safetensors")])):
+            subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config",
+                            str(REPO / f"configs/distill/{config}.yaml"), "--model", teacher, "--out", str(dst),
+                            "--set", f"device={dev}", *init]
+                           + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
+        shutil.copy(stage2 / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
         for art in ("loss", "validation"):  # the curve and the LCM 1/2/4/8-step grid ship beside the LoRA
-            if (run / f"{art}.png").exists():
-                shutil.copy(run / f"{art}.png", out / f"lcm-lora-demo-{fam}.{art}.png")
+            if (stage2 / f"{art}.png").exists():
+                shutil.copy(stage2 / f"{art}.png", out / f"lcm-lora-demo-{fam}.{art}.png")
 
 
 def main(argv=None):

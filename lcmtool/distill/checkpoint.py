@@ -160,8 +160,8 @@ def load(ck: Path, config: dict, world_size: int) -> tuple[dict, dict]:
 
 def save_training(ckpt_dir: Path, name: str, params, ema, optimizer, lr_sched, state: dict, keep: int,
                   last_good: Path | None = None) -> Path:
-    """`save` of the trained tensors, their EMA, the optimizer and the schedule; a full disk says which checkpoint
-    is intact and how to go on from it."""
+    """`save` of the trained tensors (LoRA factors or whole-UNet weights: distill and finetune), their EMA (may be
+    empty), the optimizer and the schedule; a full disk says which checkpoint is intact and how to go on from it."""
     from lcmtool.oserrors import WriteError
 
     blob = {"lora": [p.detach().cpu() for p in params], "ema": [e.cpu() for e in ema],
@@ -178,10 +178,12 @@ def load_training(ck: Path, config: dict, world_size: int, params, ema, optimize
     import torch
 
     state, blob = load(ck, config, world_size)
-    if len(blob["lora"]) != len(params):
-        raise LcmError(f"cannot resume {ck}: it holds {len(blob['lora'])} tensors, this run trains {len(params)}")
+    saved = blob.get("lora", blob.get("params", []))  # "params": finetune checkpoints written before 0.1.1
+    if len(saved) != len(params):
+        raise LcmError(f"cannot resume {ck}: it holds {len(saved)} tensors, this run trains {len(params)} "
+                       "(a LoRA vs the whole UNet, or other target modules?)")
     with torch.no_grad():
-        for p, v in zip(params, blob["lora"], strict=True):
+        for p, v in zip(params, saved, strict=True):
             p.copy_(v)
         for e, v in zip(ema, blob.get("ema", []), strict=False):
             e.copy_(v)

@@ -20,12 +20,14 @@ from lcmtool.distill import lcd
 from lcmtool.lora.io import LoraFile, LoraModule, save_lora
 
 
-def conv_patterns(unet, conv_rank: int, conv_alpha: float) -> tuple[dict, dict]:
-    """peft rank_pattern / alpha_pattern giving every 3x3 (non-1x1) conv of `unet` rank conv_rank, alpha conv_alpha."""
+def conv_patterns(unet, conv_rank: int, conv_alpha: float, target_modules: list[str]) -> tuple[dict, dict]:
+    """peft rank_pattern / alpha_pattern giving every targeted 3x3 (non-1x1) conv of `unet` rank conv_rank, alpha
+    conv_alpha (only targeted ones: peft warns of every pattern key that matches no LoRA module)."""
     ranks, alphas = {}, {}
     if conv_rank:
         for name, mod in unet.named_modules():
-            if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size != (1, 1):
+            targeted = any(name == t or name.endswith("." + t) for t in target_modules)
+            if targeted and isinstance(mod, torch.nn.Conv2d) and mod.kernel_size != (1, 1):
                 ranks[re.escape(name)], alphas[re.escape(name)] = conv_rank, conv_alpha
     return ranks, alphas
 

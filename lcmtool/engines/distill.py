@@ -102,7 +102,7 @@ def add_student(run: Run) -> None:
         params = add_init_lora(run, unet)
     else:
         conv_alpha = cfg.conv_alpha or cfg.conv_rank * cfg.lora_alpha / cfg.lora_rank
-        ranks, alphas = student.conv_patterns(unet, cfg.conv_rank, conv_alpha)
+        ranks, alphas = student.conv_patterns(unet, cfg.conv_rank, conv_alpha, cfg.target_modules)
         try:
             params = student.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, ranks, alphas)
         except ValueError as e:  # peft's NoMatchingPeftModuleError
@@ -296,7 +296,7 @@ def _distill(cfg: DistillConfig, out: Path, log=None) -> dict:
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False)
-    log = log or (lambda msg: console.print(msg))
+    log = log or (lambda msg: console.print(msg, markup=False))  # paths and prompts are text
     run = setup(cfg, out, log)
     state = resume(run)
     progress, task = make_progress(cfg.max_steps, state.step, run.main)

@@ -68,7 +68,7 @@ def lr_schedule(optimizer, cfg: FinetuneConfig):
 
     from diffusers.optimization import get_scheduler
 
-    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else "cosine"
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else "cosine"
     sched = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -116,23 +116,14 @@ def setup(cfg: FinetuneConfig, out: Path, log) -> Tune:
 
 
 def resume(run: Tune) -> TrainState:
-    import torch
-
     from lcmtool.config import to_dict
 
     state = TrainState()
     if not run.cfg.resume:
         return state
     ck = ckpt.find_checkpoint(run.out, run.cfg.resume)
-    saved, blob = ckpt.load(ck, to_dict(run.cfg), run.accelerator.num_processes)
-    if len(blob["params"]) != len(run.params):
-        raise LcmError(f"cannot resume {ck}: it holds {len(blob['params'])} tensors, this run trains "
-                       f"{len(run.params)} (--full or not?)")
-    with torch.no_grad():
-        for p, v in zip(run.params, blob["params"], strict=True):
-            p.copy_(v)
-    run.optimizer.load_state_dict(blob["optimizer"])
-    run.lr_sched.load_state_dict(blob["lr_scheduler"])
+    saved = ckpt.load_training(ck, to_dict(run.cfg), run.accelerator.num_processes, run.params, [], run.optimizer,
+                               run.lr_sched)
     state.step = state.start_step = saved["step"]
     records = ckpt.trim_metrics(run.out / "metrics.jsonl", state.step) if run.main else []
     state.losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -200,11 +191,10 @@ def save_checkpoint(run: Tune, state: TrainState, reason: str) -> Path | None:
     run.accelerator.wait_for_everyone()
     if not run.main:
         return None
-    blob = {"params": [p.detach().cpu() for p in run.params], "optimizer": run.optimizer.state_dict(),
-            "lr_scheduler": run.lr_sched.state_dict()}
     meta = {"step": state.step, "world_size": run.accelerator.num_processes, "reason": reason,
             "config": to_dict(run.cfg)}
-    return ckpt.save(run.out / "checkpoints", f"step-{state.step:07d}", blob, meta, max(1, run.cfg.keep_checkpoints))
+    return ckpt.save_training(run.out / "checkpoints", f"step-{state.step:07d}", run.params, [], run.optimizer,
+                              run.lr_sched, meta, max(1, run.cfg.keep_checkpoints))
 
 
 def validate(run: Tune, path: Path) -> None:
@@ -255,7 +245,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False)
-    log = log or (lambda msg: console.print(msg))
+    log = log or (lambda msg: console.print(msg, markup=False))  # paths and prompts are text
     out = check_config(cfg)
     run = setup(cfg, out, log)
     state = resume(run)

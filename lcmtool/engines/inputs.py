@@ -33,8 +33,9 @@ def warn(msg: str) -> None:
         return
     _warned.add(msg)
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold yellow]warning:[/] {msg}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold yellow]warning:[/] {escape(msg)}")
 
 
 # ---- input validation (all of it before any model loads or any file is written) ----

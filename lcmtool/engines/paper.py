@@ -285,7 +285,7 @@ def measure(cfg: PaperConfig, arts: dict, work: Path, log) -> tuple[dict, dict]:
     benches: dict = {}
     for fam in cfg.families:
         lcm = arts["lcm"][fam]
-        log(f"[bold]demo:{fam}[/]")
+        log(f"demo:{fam}")
         bench = benches[fam] = Bench(f"demo:{fam}", f"demo-{fam}", cfg, work, log)
         if "lcd" in cfg.parts:
             res.setdefault("table1", {})[fam] = table1(bench, lcm, plain)
@@ -334,6 +334,9 @@ def check(cfg: PaperConfig) -> None:
         raise LcmError(f"--parts: choose from {', '.join(known)} (got {', '.join(bad) or 'none'})")
     if cfg.sweep_prompts == 1:
         raise LcmError("--sweep-prompts must be 0 (= --prompts) or >= 2: FD-demo needs two images")
+    from lcmtool.models.load import resolve_device
+
+    resolve_device(cfg.device)  # before anything is made or written (a finetune run would start first)
 
 
 def run_paper(cfg: PaperConfig, log=None) -> dict:
@@ -348,7 +351,7 @@ def run_paper(cfg: PaperConfig, log=None) -> dict:
 
     check(cfg)
     console = Console(stderr=True, highlight=False)
-    log = log or (lambda msg: console.print(msg))
+    log = log or (lambda msg: console.print(msg, markup=False))  # paths and prompts are text
     t0 = time.time()
     out, work = Path(cfg.out), Path(cfg.work)
     out.mkdir(parents=True, exist_ok=True)

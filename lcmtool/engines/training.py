@@ -97,7 +97,7 @@ def latent_data(cfg, run: Opened, weight_dtype, log) -> tuple[Any, Path, tuple]:
     in_memory = D.fits_in_memory(run.source, pipe, resolution)
     dataset = D.LatentCache(root, cfg.seed, device=acc.device if in_memory else "cpu")
     if dataset.meta["skipped"] and acc.is_main_process:
-        log(f"[yellow]skipped {dataset.meta['skipped']} unreadable image(s)[/]")
+        log(f"warning: skipped {dataset.meta['skipped']} unreadable image(s)")
     text = dataset.text  # the same every step: in the compute dtype once
     embeds = (text["uncond_embeds"].to(acc.device, weight_dtype),
               text["uncond_pooled"].to(acc.device, weight_dtype) if is_xl else None)

@@ -295,6 +295,28 @@ def _distill() -> list[Case]:
     return c
 
 
+def _finetune_paper() -> list[Case]:
+    f = ["--out", "{out}", "--set", "device=cpu"]
+    c = [Case("finetune", f"--set {key}", val, f + ["--set", f"{key}={val}"], msg) for key, val, msg in [
+        ("lr", "nan", "config key 'lr': must be a finite number"), ("lr_schedule", "linear", "not one of"),
+        ("caption_dropout", "1.5", "must be <= 1"), ("lora_rank", "0", "must be >= 1"),
+        ("max_steps", "0", "must be >= 1"), ("target_modules", "[]", "at least 1 item"),
+    ]]
+    c += [
+        Case("finetune", "--model", "(missing)", f + ["--model", "{missing}"], "not found"),
+        Case("finetune", "--data", "demo:shapes:wavy", f + ["--data", "demo:shapes:wavy"], "unknown demo data"),
+        Case("finetune", "--config", "(bad YAML)", f + ["--config", "{yaml_bad}"], "yaml"),
+    ]
+    p = ["--out", "{out}", "--work", "{out}-work"]
+    c += [Case("paper", opt, val, p + [opt, val], msg) for opt, val, msg in [
+        ("--families", "zz", "choose from sd, xl (got zz)"), ("--families", "[sd, zz]", "(got [sd, zz])"),
+        ("--styles", "wavy", "choose from outline, striped"), ("--parts", "nope", "choose from lcd"),
+        ("--prompts", "1", "must be >= 2"), ("--sweep-prompts", "1", ">= 2"), ("--lambdas", "nan", "finite"),
+        ("--device", "tpu", "unknown device 'tpu'"), ("--images-per-prompt", "0", "must be >= 1"),
+    ]]
+    return c
+
+
 def _eval_bench() -> list[Case]:
     return [
         Case("eval", "SOURCE", "(missing)", ["{missing}"], "not found", out=""),
@@ -311,7 +333,8 @@ def _eval_bench() -> list[Case]:
     ]
 
 
-CASES: list[Case] = _sample() + _compare() + _merge() + _inspect_convert() + _distill() + _eval_bench()
+CASES: list[Case] = (_sample() + _compare() + _merge() + _inspect_convert() + _distill() + _finetune_paper()
+                     + _eval_bench())
 
 
 # ---- the workspace the cases name ----

@@ -178,7 +178,7 @@ def load_training(ck: Path, config: dict, world_size: int, params, ema, optimize
     import torch
 
     state, blob = load(ck, config, world_size)
-    saved = blob.get("lora", blob.get("params", []))  # "params": finetune checkpoints written before 0.1.1
+    saved = blob.get("lora", blob.get("params", []))  # "params": finetune checkpoints written before 2026-12-01
     if len(saved) != len(params):
         raise LcmError(f"cannot resume {ck}: it holds {len(saved)} tensors, this run trains {len(params)} "
                        "(a LoRA vs the whole UNet, or other target modules?)")

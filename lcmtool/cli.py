@@ -22,7 +22,7 @@ import typer
 
 from lcmtool import __version__, options
 from lcmtool.config import parse_scalar
-from lcmtool.errors import LcmError
+from lcmtool.errors import LcmError, to_stderr
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LCM-LoRA toolkit: distill, merge and sample Stable Diffusion in 1-8 steps.")
@@ -35,18 +35,12 @@ def emit_json(obj: dict) -> None:
 
 
 def err(msg: str) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    # the message is text, not markup: a value like [sd, zz] or a path with [brackets] must print as it is
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}")
+    to_stderr(msg, "[bold red]error:[/]")
 
 
 def say(msg: str) -> None:
     """A human-readable result line on stderr (stdout stays for --json)."""
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(msg, markup=False)
+    to_stderr(msg)
 
 
 def handled(fn):

@@ -24,7 +24,7 @@ from lcmtool.distill.checkpoint import StopRequest, TrainState
 from lcmtool.distill.monitor import Meter, loss_curve_png, make_progress
 from lcmtool.engines import distill_eval
 from lcmtool.engines.training import latent_data, log_step, open_run
-from lcmtool.errors import LcmError
+from lcmtool.errors import LcmError, to_stderr
 from lcmtool.lora.formats import LCM_TARGETS  # the 14 LCM-LoRA module kinds, defined once
 from lcmtool.options import DistillConfig  # every option is declared once, in lcmtool/options.py
 
@@ -293,10 +293,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
 
 
 def _distill(cfg: DistillConfig, out: Path, log=None) -> dict:
-    from rich.console import Console
-
-    console = Console(stderr=True, highlight=False)
-    log = log or (lambda msg: console.print(msg, markup=False))  # paths and prompts are text
+    log = log or to_stderr
     run = setup(cfg, out, log)
     state = resume(run)
     progress, task = make_progress(cfg.max_steps, state.step, run.main)

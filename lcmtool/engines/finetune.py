@@ -19,7 +19,7 @@ from lcmtool.distill import checkpoint as ckpt
 from lcmtool.distill.checkpoint import StopRequest, TrainState
 from lcmtool.distill.monitor import Meter, loss_curve_png, make_progress
 from lcmtool.engines.training import log_step
-from lcmtool.errors import LcmError
+from lcmtool.errors import LcmError, to_stderr
 from lcmtool.options import FinetuneConfig
 
 VALIDATION_GUIDANCE = 7.5  # the paper's CFG for the style LoRA's own sampler (Fig. 3)
@@ -242,10 +242,7 @@ def after_step(run: Tune, state: TrainState, stop: StopRequest) -> None:
 
 def finetune(cfg: FinetuneConfig, log=None) -> dict:
     """Run the fine-tune; returns a summary dict (output path, steps, first and final loss)."""
-    from rich.console import Console
-
-    console = Console(stderr=True, highlight=False)
-    log = log or (lambda msg: console.print(msg, markup=False))  # paths and prompts are text
+    log = log or to_stderr
     out = check_config(cfg)
     run = setup(cfg, out, log)
     state = resume(run)

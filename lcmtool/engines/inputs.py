@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lcmtool.errors import LcmError
+from lcmtool.errors import LcmError, to_stderr
 from lcmtool.models.load import resolve_model
 from lcmtool.models.schedulers import DEFAULT_GUIDANCE, LCM_ORIGINAL_STEPS
 
@@ -32,10 +32,7 @@ def warn(msg: str) -> None:
     if msg in _warned:
         return
     _warned.add(msg)
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold yellow]warning:[/] {escape(msg)}")
+    to_stderr(msg, "[bold yellow]warning:[/]")
 
 
 # ---- input validation (all of it before any model loads or any file is written) ----

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from lcmtool.errors import LcmError
+from lcmtool.errors import LcmError, to_stderr
 from lcmtool.options import PaperConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -342,7 +342,6 @@ def check(cfg: PaperConfig) -> None:
 def run_paper(cfg: PaperConfig, log=None) -> dict:
     """Make what is missing, measure every part, write results.json, results.md and the figures; -> results."""
     import torch
-    from rich.console import Console
 
     from lcmtool import __version__
     from lcmtool.config import to_dict
@@ -350,8 +349,7 @@ def run_paper(cfg: PaperConfig, log=None) -> dict:
     from lcmtool.fileio import atomic_write_json
 
     check(cfg)
-    console = Console(stderr=True, highlight=False)
-    log = log or (lambda msg: console.print(msg, markup=False))  # paths and prompts are text
+    log = log or to_stderr
     t0 = time.time()
     out, work = Path(cfg.out), Path(cfg.work)
     out.mkdir(parents=True, exist_ok=True)

@@ -248,3 +248,27 @@ def test_conv_patterns_name_only_targeted_convs_so_peft_warns_of_nothing():
     conv_lora = dict(unet.named_modules())["down_blocks.0.resnets.0.conv1"].lora_A["default"]
     assert params and conv_lora.weight.shape[0] == 4
     assert student.conv_patterns(unet, 0, 0.0, list(LCM_TARGETS)) == ({}, {})
+
+
+@pytest.mark.parametrize("fam", ["sd", "xl"])
+def test_stage_2_config_continues_stage_1_and_made_the_shipped_lora(fam):
+    """configs/distill/demo-<fam>-refine.yaml is stage 1's config but for the stage-2 keys, starts from stage 1's
+    output, and holds the training values recorded in the shipped LoRA's metadata (the file it made)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    one = yaml.safe_load((root / f"configs/distill/demo-{fam}.yaml").read_text())
+    two = yaml.safe_load((root / f"configs/distill/demo-{fam}-refine.yaml").read_text())
+    stage2 = {"name", "w_min", "w_max", "lr", "max_steps", "warmup_steps", "checkpoint_every", "validate_every",
+              "eval_every", "init_lora"}
+    assert {k: v for k, v in one.items() if k not in stage2} == {k: v for k, v in two.items() if k not in stage2}
+    assert two["init_lora"] == f"runs/{one['name']}/lcm-lora.safetensors" and "init_lora" not in one
+    assert two["w_min"] == two["w_max"] == 2.0 and two["lr"] < one["lr"]
+    made = json.loads(load_lora(root / f"lcmtool/demo/assets/lcm-lora-demo-{fam}.safetensors").metadata["config"])
+    from lcmtool.options import DistillConfig
+
+    resolved = DistillConfig(**two)  # keys the YAML leaves out take their defaults (seed)
+    for key in ("w_min", "w_max", "lr", "max_steps", "warmup_steps", "batch_size", "num_ddim_timesteps", "loss",
+                "huber_c", "ema_decay", "lr_schedule", "seed", "model", "num_samples", "uncond"):
+        assert made[key] == getattr(resolved, key), key
+    assert made["init_lora"] == f"lcm-lora-demo-{fam}.safetensors"  # stage 1 = the LoRA shipped until 2026-12-01

@@ -56,8 +56,10 @@ class SampleConfig(GenerationConfig):
                                                "--steps).", min=0, max=999)
     batch_size: int = opt(4, "Images per pipeline call.", min=1, max=4096)
     out: str = opt("outputs/sample", "Output folder.")
-    compile: Optional[bool] = opt(None, "torch.compile the UNet and VAE decoder (default: on with CUDA; off on CPU, "
-                                        "where compiling costs minutes).")
+    compile: Optional[bool] = opt(None, "Graphs of the UNet and VAE decoder: torch.compile on CUDA (default on), "
+                                        "TorchScript traces on CPU (same pixels, ~1 s per shape; default on from "
+                                        "100 UNet calls in the run). LCMTOOL_COMPILE_MODE=default: inductor on "
+                                        "CPU (minutes to compile).")
 
 
 @dataclass
@@ -190,7 +192,11 @@ class BenchConfig:
     sample: bool = opt(False, "Sampling: plain diffusers vs lcmtool, same run (the default when nothing is named).")
     merge: bool = opt(False, "Merge two SDXL-size rank-64 LoRAs (concat, svd).")
     distill: bool = opt(False, "LCD training step: plain loop vs lcmtool, same run.")
-    model: str = opt("demo:sd", "--sample: demo:sd | random:sd15 | random:sdxl | random:ssd1b | a model spec.")
+    startup: bool = opt(False, "A one-image `lcmtool sample` command vs a bare diffusers import (wall time, fresh "
+                               "processes in alternation).")
+    rounds: int = opt(3, "--startup: alternating rounds (medians).", min=1, max=100)
+    model: str = opt("demo:sd", "--sample / --startup: demo:sd | random:sd15 | random:sdxl | random:ssd1b | a "
+                                "model spec (--startup: a model spec).")
     device: str = opt("auto", "auto | cpu | cuda.")
 
 

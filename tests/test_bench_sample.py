@@ -31,14 +31,23 @@ def test_bench_rows_match_and_carry_every_figure(folder_and_lora):
     torch.manual_seed(0)
     rows = bench_sample(folder, "cpu", lora=lora, batches=(1, 2), n=1, warm=0, dpm_steps=2, log=lambda *a: None)
     got = [(r["case"], r["path"], r["batch"]) for r in rows]
-    assert got == [("dpmpp2_cfg7.5", "diffusers", 1), ("dpmpp2_cfg7.5", "lcmtool", 1),
-                   ("lcm4", "diffusers_lora_unfused", 1), ("lcm4", "diffusers_lora_fused", 1), ("lcm4", "lcmtool", 1),
-                   ("lcm4", "diffusers_lora_fused", 2), ("lcm4", "lcmtool", 2)]
+    ours = [("lcmtool", None), ("lcmtool_compiled", "trace")]  # CPU's default graphs: TorchScript traces
+    assert got == [("dpmpp2_cfg7.5", "diffusers", 1), *(("dpmpp2_cfg7.5", p, 1) for p, _ in ours),
+                   ("lcm4", "diffusers_lora_unfused", 1), ("lcm4", "diffusers_lora_fused", 1),
+                   *(("lcm4", p, 1) for p, _ in ours), ("lcm4", "diffusers_lora_fused", 2),
+                   *(("lcm4", p, 2) for p, _ in ours)]
+    modes = dict(ours)
     for r in rows:
         assert r["outputs_match"] and r["max_abs_diff"] <= r["tolerance"] == 2e-3, r
-        assert r["ms_per_image"] > 0 and r["images_per_s"] > 0 and r["compile_s"] is None
+        assert r["ms_per_image"] > 0 and r["images_per_s"] > 0
+        assert r["compile_mode"] == modes.get(r["path"])
+        assert (r["compile_s"] is None) == (r["path"] != "lcmtool_compiled") and (r["compile_s"] or 0) >= 0
     assert all(r["speedup_vs_diffusers"] > 0 for r in rows)
-    assert rows[4]["speedup_vs_diffusers_unfused"] > 0
+    assert all(r["speedup_vs_diffusers_unfused"] > 0 for r in rows if r["case"] == "lcm4" and r["batch"] == 1
+               and r["path"].startswith("lcmtool"))
+    no_graphs = bench_sample(folder, "cpu", lora=lora, batches=(1,), n=1, warm=0, dpm_steps=0, compile=False,
+                             log=lambda *a: None)
+    assert [r["path"] for r in no_graphs] == ["diffusers_lora_unfused", "diffusers_lora_fused", "lcmtool"]
 
 
 def test_bench_lora_moves_the_latents_beyond_the_tolerance(folder_and_lora):
@@ -60,3 +69,35 @@ def test_bench_lora_moves_the_latents_beyond_the_tolerance(folder_and_lora):
     s.weights_changed()
     s.fuse_qkv = False  # the adapter is unfused here: keep the plain attention processors
     assert float((latents() - teacher).abs().max()) > 50 * TOLERANCE["float32"]
+
+
+def test_bench_startup_alternates_and_its_command_is_a_valid_sample_command(folder_and_lora, monkeypatch, tmp_path):
+    """--startup: warm-up then alternating rounds of the bare import and the one-image command, medians and the
+    ratio; the command it times is a real `lcmtool sample` command line (run here in-process on the fixture)."""
+    from typer.testing import CliRunner
+
+    import lcmtool.bench.startup as st
+    from lcmtool.cli import app
+
+    folder, _ = folder_and_lora
+    calls, fake = [], iter([9.0, 10.0, 8.0, 9.5, 10.0, 11.0, 9.0, 9.9])
+
+    def wall(argv):
+        calls.append(argv)
+        return next(fake)
+
+    real_wall = st._wall
+    monkeypatch.setattr(st, "_wall", wall)
+    rows = st.bench_startup(folder, rounds=3, log=lambda *a: None)
+    kinds = ["bare" if a[1] == "-c" else "cmd" for a in calls]
+    assert kinds == ["bare", "cmd"] * 4  # warm-up, then 3 rounds in alternation
+    bare, cmd = rows
+    assert bare["wall_s_all"] == [8.0, 10.0, 9.0] and bare["wall_s"] == 9.0 and bare["ratio_vs_bare_import"] == 1.0
+    assert cmd["wall_s_all"] == [9.5, 11.0, 9.9] and cmd["wall_s"] == 9.9 and cmd["ratio_vs_bare_import"] == 1.1
+    argv = calls[1][3:]  # after python -m lcmtool
+    argv[argv.index("--out") + 1] = str(tmp_path / "one")
+    res = CliRunner().invoke(app, argv + ["--steps", "1", "--lora", "none"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "one").glob("*.png"))) == 1
+    with pytest.raises(RuntimeError, match="exited 3"):
+        real_wall([__import__("sys").executable, "-c", "raise SystemExit(3)"])

@@ -151,6 +151,80 @@ def test_fast_loop_matches_pipeline_all_schedulers(demo_folders, fam):
         assert max_diff(mine[0], mine[1]) > 10, "two prompts and seeds, one image"
 
 
+@pytest.mark.parametrize("fam", ["sd", "xl"])
+def test_traced_loop_equals_eager_loop(demo_folders, loras, fam):
+    """TorchScript traces (CPU --compile's mode) give the eager loop's pixels exactly, for all five schedulers with
+    and without CFG: one UNet graph per input shape, reused at every step (its timestep is an input, not a
+    constant); another batch size is traced anew; a LoRA fused into the weights in place afterwards reaches the
+    traces (they hold the parameter tensors); trace time is counted apart and no trace failed."""
+    from lcmtool.engines.sample import set_scheduler
+    from lcmtool.lora.fuse import fuse_into_pipeline
+    from lcmtool.lora.io import load_lora
+    from lcmtool.models.load import load_pipeline
+    from lcmtool.models.pipeline import FastSampler
+
+    pipe, _ = load_pipeline(demo_folders[fam], torch.float32, "cpu")
+    base = dict(pipe.scheduler.config)
+    eager, traced = FastSampler(pipe, fuse_qkv=False), FastSampler(pipe, compile=True, mode="trace", fuse_qkv=False)
+    prompts, negs, seeds = [PROMPT, "a small blue square at the top"], ["a green cross", ""], [3, 4]
+
+    def both(name, g, n=2):
+        sched = set_scheduler(pipe, base, name, 4, "leading")
+        eta = 0.3 if name == "tcd" else None
+        a = eager(prompts[:n], negs[:n], seeds[:n], sched, 4, g, 64, 64, eta=eta, output="uint8")
+        b = traced(prompts[:n], negs[:n], seeds[:n], sched, 4, g, 64, 64, eta=eta, output="uint8")
+        return a, b
+
+    for name, g in (("lcm", 1.0), ("tcd", 1.0), ("dpmpp", 7.5), ("ddim", 7.5), ("euler", 7.5), ("ddim", 1.0)):
+        a, b = both(name, g)
+        assert torch.equal(a, b), (fam, name, g, int((a.int() - b.int()).abs().max()))
+        assert a.float().std() > 1
+    graphs = traced.traced_unet.graphs
+    # UNet graphs: batch 2 (no CFG: lcm, tcd, ddim at 1) and 4 (CFG) with int timesteps, 4 with euler's floats
+    assert len(graphs) == 3 and not traced.traced_unet.failed and not traced.traced_decode.failed, list(graphs)
+    before = traced.trace_s
+    a, b = both("lcm", 1.0, n=1)  # a new batch size: a new trace
+    assert torch.equal(a, b) and len(graphs) == 4 and traced.trace_s > before > 0
+    fuse_into_pipeline(pipe, [(load_lora(loras[f"{fam}-diffusers"]), 1.0)])  # in place, no weights_changed()
+    eager._text.clear(), traced._text.clear()
+    a2, b2 = both("lcm", 1.0, n=1)
+    assert torch.equal(a2, b2) and (a2.int() - a.int()).abs().max() > 2, "the fused LoRA reached the traces"
+
+
+def test_traced_falls_back_to_the_call_it_cannot_trace():
+    """A call whose trace fails runs eagerly (same result), and the failure is recorded once per signature."""
+    from lcmtool.models.pipeline import Traced
+
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x.tolist()  # a Python list: not traceable
+
+    t = Traced(fn, torch.nn.Linear(1, 1))
+    x = torch.ones(2)
+    assert t(x=x) == [1.0, 1.0] and t(x=x) == [1.0, 1.0]
+    assert len(t.failed) == 1 and not t.graphs and t.setup_s == 0
+
+
+def test_compile_default_by_device_and_run_length():
+    """--compile auto: CUDA always; CPU traces from TRACE_MIN_CALLS UNet calls (unknown length: a long run)."""
+    from lcmtool.engines.sample import _resolve_compile
+    from lcmtool.models.pipeline import COMPILE_MODES, TRACE_MIN_CALLS, compile_by_default
+    from lcmtool.options import SampleConfig
+
+    assert COMPILE_MODES["cpu"] == "trace"
+    assert compile_by_default("cuda", 1) and compile_by_default("cuda:1") and compile_by_default("cpu")
+    assert not compile_by_default("cpu", TRACE_MIN_CALLS - 1) and compile_by_default("cpu", TRACE_MIN_CALLS)
+    assert not compile_by_default("mps", 10 ** 6)
+    cfg = SampleConfig()
+    assert not _resolve_compile(cfg, "cpu", 4) and _resolve_compile(cfg, "cpu", 400)
+    cfg.compile = True
+    assert _resolve_compile(cfg, "cpu", 4)
+    cfg.compile = False
+    assert not _resolve_compile(cfg, "cuda", 400)
+
+
 def test_no_sync_schedulers_equal_stock():
     """All five wrapped schedulers step exactly like diffusers' (same timesteps, same trajectory)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler

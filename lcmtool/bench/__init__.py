@@ -1,5 +1,5 @@
 """`lcmtool bench`: lcmtool's path against the plain-diffusers path, measured in the same run (sample, merge,
-distill). Each bench returns rows (dicts) of figures and ratios; the CLI prints them or emits them as JSON."""
+distill, startup). Each bench returns rows (dicts) of figures and ratios; the CLI prints them or emits them as JSON."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,9 +8,10 @@ from lcmtool.options import BenchConfig
 
 
 def run_bench(cfg: BenchConfig, log: Callable = print) -> list[dict]:
-    """The benches `cfg` names (the sample bench when it names none), in the order sample, merge, distill."""
+    """The benches `cfg` names (the sample bench when it names none), in the order sample, merge, startup,
+    distill."""
     rows: list[dict] = []
-    if cfg.sample or not (cfg.merge or cfg.distill):
+    if cfg.sample or not (cfg.merge or cfg.distill or cfg.startup):
         from lcmtool.bench.sample import bench_sample
 
         rows.extend({"bench": "sample", **row} for row in bench_sample(model=cfg.model, device=cfg.device, log=log))
@@ -18,6 +19,12 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> list[dict]:
         from lcmtool.bench.merge import bench_merge
 
         rows.append({"bench": "merge", **bench_merge(echo=log)})
+    if cfg.startup:
+        from lcmtool.bench.startup import bench_startup
+        from lcmtool.models.load import resolve_device
+
+        rows.extend({"bench": "startup", **row} for row in bench_startup(
+            model=cfg.model, rounds=cfg.rounds, device=resolve_device(cfg.device), log=log))
     if cfg.distill:
         from lcmtool.bench.distill import bench_distill
 

@@ -2,9 +2,11 @@
 
 Plain diffusers: the pipeline call with LCMScheduler.from_config, the LoRA as a peft adapter via `load_lora_weights`
 (unfused), then `fuse_lora()`; DPM-Solver++ 25 steps CFG 7.5 on the teacher. lcmtool: `FastSampler` (the engines'
-loop: pinned no-sync schedulers, LoRA fused by lcmtool, fused QKV, channels_last on CUDA) on its own copy of the
-UNet and VAE, eager and, where asked (default: CUDA), torch.compiled. The paths of one case run in alternation,
-round after round (medians), so that a machine whose load changes (a shared CPU) charges them alike. Text is
+loop: pinned no-sync schedulers, LoRA fused by lcmtool, fused QKV, channels_last) on its own copy of the
+UNet and VAE, eager and with graphs (`lcmtool_compiled`, default on: torch.compile on CUDA, TorchScript traces on
+CPU; the row's `compile_mode` says which, `compile_s` what the first call of its shapes cost). The paths of one
+case run in alternation, round after round (medians), so that a machine whose load changes (a shared CPU) charges
+them alike. Text is
 encoded on every call on both paths (lcmtool's prompt cache is cleared), so the rows compare the same work.
 
 Every row: ms/image (end to end: text, denoising, VAE decode, PIL images), images/s, peak memory (CUDA), compile
@@ -96,9 +98,10 @@ def _ours(sampler, base: dict, name: str, batch: int, steps: int, g: float, h: i
 
     orig = LCM_ORIGINAL_STEPS if name in ("lcm", "tcd") else None
 
-    def call():
+    sched = make_scheduler(name, base, timestep_spacing="leading", original_inference_steps=orig)
+
+    def call():  # one scheduler for every call, as pipe.scheduler on the plain path (set_timesteps resets it)
         sampler._text.clear()  # encode the prompt on every call, as the pipeline does
-        sched = make_scheduler(name, base, timestep_spacing="leading", original_inference_steps=orig)
         return sampler([PROMPT] * batch, [""] * batch, list(range(batch)), sched, steps, g, h, w, output=output)
     return call
 
@@ -196,6 +199,7 @@ class _Bench:
             row = dict(self.common, case=case, path=path, batch=batch, ms_per_image=round(t / batch, 2),
                        images_per_s=round(1000 * batch / t, 2), peak_mem_gb=self._peak(fns[path], path),
                        compile_s=self._compile_s(path, batch, g, ms_call=t),
+                       compile_mode=self.compiled.mode if path == "lcmtool_compiled" else None,
                        flop_bound_fraction=(round(self.flops[case] * batch / self.peak * 1000 / t, 3)
                                             if case in self.flops else None))
             self.rows.append(row)
@@ -238,7 +242,7 @@ class _Bench:
             self.log(f"{r['case']:>15} b{r['batch']:<3} {r['path']:<24} {r['ms_per_image']:9.2f} ms/img "
                      f"{r['images_per_s']:8.2f} img/s  x{r['speedup_vs_diffusers'] or '-':<6} "
                      f"match {r['outputs_match']} ({diff:.1e})"
-                     + (f"  compile {r['compile_s']} s" if r["compile_s"] is not None else "")
+                     + (f"  {r['compile_mode']} {r['compile_s']} s" if r["compile_s"] is not None else "")
                      + (f"  {r['peak_mem_gb']} GB" if r["peak_mem_gb"] is not None else "")
                      + (f"  {r['flop_bound_fraction']:.1%} of FLOP bound" if r["flop_bound_fraction"] else ""))
         return self.rows
@@ -249,7 +253,7 @@ def bench_sample(model: str = "demo:sd", device: str = "auto", dtype: str = "aut
                  warm: int = 1, dpm_steps: int = 25, compile: bool | None = None, log=print) -> list[dict]:
     """Rows (one per case, batch and path) of ms/image, images/s, peak memory, compile time, ratio to plain
     diffusers and outputs_match; cases: DPM-Solver++ `dpm_steps` CFG 7.5 (teacher; 0: skipped), LCM 4 steps (LoRA)
-    at each of `batches`. `compile` None: compiled rows where compiling pays by default (CUDA)."""
+    at each of `batches`. `compile` None: rows with graphs too (on by default: CUDA torch.compile, CPU traces)."""
     import torch
 
     from lcmtool.lora.fuse import fuse_into_pipeline

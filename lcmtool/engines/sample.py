@@ -132,15 +132,16 @@ def sampler_of(pipe, **kw):
 
 def generate(pipe, jobs: list[Job], scheduler: str, steps: int, guidance: float, height: int, width: int,
              device: str, timesteps: list[int] | None = None, gamma: float = 0.3, sampler=None):
-    """One batch of `jobs` with the scheduler on `pipe`, through lcmtool's loop; -> (PIL images, ms for the batch).
-    The negative prompt counts only at guidance > 1 (no CFG pass otherwise)."""
+    """One batch of `jobs` with the scheduler on `pipe`, through lcmtool's loop; -> (PIL images, ms for the batch,
+    less the one-off time of tracing a new shape: FastSampler.trace_s counts that). The negative prompt counts only
+    at guidance > 1 (no CFG pass otherwise)."""
     import torch
 
     from lcmtool.models.pipeline import NonFiniteImage
 
     sampler = sampler or sampler_of(pipe)
     negatives = [j.negative_prompt if guidance > 1 else "" for j in jobs]
-    t0 = time.perf_counter()
+    t0, traced = time.perf_counter(), sampler.trace_s
     try:
         images = sampler([j.prompt for j in jobs], negatives, [j.seed for j in jobs], pipe.scheduler, steps,
                          guidance, height, width, timesteps=timesteps, eta=gamma if scheduler == "tcd" else None)
@@ -150,7 +151,7 @@ def generate(pipe, jobs: list[Job], scheduler: str, steps: int, guidance: float,
                        "(non-finite weights in the model or a LoRA?)") from None
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-    return images, (time.perf_counter() - t0) * 1000
+    return images, (time.perf_counter() - t0 - (sampler.trace_s - traced)) * 1000  # less one-off tracing
 
 
 def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -226,11 +227,12 @@ def _record(p: Plan, job: Job, path: Path, cfg: SampleConfig, **timing) -> dict:
             "steps": p.steps, "guidance": p.guidance, "width": cfg.width, "height": cfg.height, **timing}
 
 
-def _resolve_compile(cfg: SampleConfig, device: str) -> bool:
+def _resolve_compile(cfg: SampleConfig, device: str, unet_calls: int | None = None) -> bool:
+    """--compile, or its auto value for a run of `unet_calls` UNet calls (CPU: traces once they pay)."""
     from lcmtool.models.pipeline import compile_by_default
 
     value = getattr(cfg, "compile", None)
-    return compile_by_default(device) if value is None else bool(value)
+    return compile_by_default(device, unet_calls) if value is None else bool(value)
 
 
 def sample(cfg: SampleConfig, on_image: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
@@ -308,7 +310,8 @@ def _setup(cfg: SampleConfig, p: Plan, device: str, n: int) -> dict:
     lora_meta = apply_loras(pipe, family, cfg.model, p.loras, cfg.fuse, sha=p.sha)
     set_scheduler(pipe, base_config, cfg.scheduler, p.steps, cfg.timestep_spacing)
     sched_cfg = pinned_config(cfg.scheduler, base_config, timestep_spacing=cfg.timestep_spacing)
-    sampler = FastSampler(pipe, compile=_resolve_compile(cfg, device))
+    batches = -(-n // max(1, cfg.batch_size))
+    sampler = FastSampler(pipe, compile=_resolve_compile(cfg, device, unet_calls=batches * p.steps))
     sampler.static_batch = min(cfg.batch_size, n)
     meta = dict(model=cfg.model, family=family, loras=lora_meta, fused=cfg.fuse, scheduler=cfg.scheduler,
                 sampler=SAMPLER_NAMES[cfg.scheduler], steps=p.steps, guidance=p.guidance,

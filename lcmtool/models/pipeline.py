@@ -6,11 +6,15 @@
 - the schedule is set once per batch before the loop; the loop itself has no host-device sync (the schedulers
   of lcmtool.models.schedulers keep their tables on the host) and no per-step Python beyond UNet + step;
 - latents, step noise and the extra step arguments come from the pipeline's own `prepare_latents` /
-  `prepare_extra_step_kwargs` with one generator per image (an image depends on its seed, not on its batch);
+  its step-kwargs rule (eta, generator) with one generator per image (an image depends on its seed, not on its batch);
 - fused QKV projections (diffusers' `fuse_qkv_projections`, exact: the same products in one matrix) once the
   weights are final, channels_last (CUDA and CPU: measured 13-15% faster UNet and VAE on the demo CPU models),
-  inference mode, SDPA (diffusers' default attention), optional torch.compile of the
-  UNet and the VAE decode with static shapes (a short last batch is padded to the compiled batch size);
+  inference mode, SDPA (diffusers' default attention);
+- optional graphs of the UNet call and the VAE decode with static shapes: torch.compile (CUDA: CUDA graphs; a
+  short last batch is padded to the compiled batch size) or, the CPU default, TorchScript traces (`torch.jit.trace`:
+  the same aten ops in the same order, so the same numbers, run by TorchScript's C++ interpreter instead of
+  diffusers' Python; one trace per input shape, about a second each for the demo models; measured 2.0x on the
+  demo UNet call at batch 1, where Python and dispatch overhead is half the time);
 - the VAE output becomes uint8 on the device (the same float32 arithmetic as diffusers' postprocess), so only
   bytes cross to the host.
 The schedulers stay diffusers' (no hand-written math); the pipeline object is used for its components only.
@@ -22,22 +26,80 @@ import os
 import time
 
 TEXT_CACHE_SIZE = 1024  # prompts kept encoded (SDXL: ~0.3 MB each in fp16)
-# torch.compile modes by device type. CUDA: CUDA graphs at few steps (launch overhead dominates, ANCHORS.md:
-# 26.5 ms eager vs 5.1 ms reduce-overhead UNet at batch 1); LCMTOOL_COMPILE_MODE overrides (gpu_checks.sh
-# measures both). CPU: inductor's default (measured on demo:sd, 2 cores: UNet 1.4x faster, VAE not faster,
-# 200 s cold / 19 s warm-cache compile; hence off by default there).
-COMPILE_MODES = {"cuda": "reduce-overhead", "cpu": "default"}
+# Graph modes by device type: "trace" is TorchScript (torch.jit.trace), any other value a torch.compile mode.
+# CUDA: CUDA graphs at few steps (launch overhead dominates, ANCHORS.md: 26.5 ms eager vs 5.1 ms reduce-overhead
+# UNet at batch 1). CPU: traces (measured on demo:sd, 2 cores, batch 1: UNet call 22 -> 11 ms, VAE decode
+# 24 -> 16 ms, bit-identical, ~1.3 s to trace both); inductor ("default", with frozen weights) reaches 1.9x / 1.4x
+# but takes 200-340 s to compile cold (19 s / 5 s from its cache). LCMTOOL_COMPILE_MODE overrides either.
+COMPILE_MODES = {"cuda": "reduce-overhead", "cpu": "trace"}
+TRACE_MIN_CALLS = 100  # CPU auto: trace when a run makes at least this many UNet calls (~1 s saved per 100 calls)
 
 
-def compile_by_default(device) -> bool:
-    """--compile auto: on for CUDA (it pays after a few images), off on CPU (the compile costs minutes there)."""
-    return str(device).startswith("cuda")
+def compile_by_default(device, unet_calls: int | None = None) -> bool:
+    """--compile auto. CUDA: on (compiling pays after a few images). CPU: traces, when the run makes at least
+    TRACE_MIN_CALLS UNet calls (`unet_calls` None: a long run, such as a benchmark or an evaluation)."""
+    if str(device).startswith("cuda"):
+        return True
+    return str(device) == "cpu" and (unet_calls is None or unet_calls >= TRACE_MIN_CALLS)
 
 
 def _has_adapters(module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def _trace_module(fn, names: tuple):
+    """An nn.Module whose forward(*tensors) calls fn(**dict(zip(names, tensors))) (torch.jit.trace takes
+    positional tensors only; the module's parameters are traced as parameters, not constants)."""
+    import torch
+
+    class Call(torch.nn.Module):
+        def forward(self, *tensors):
+            return fn(**dict(zip(names, tensors)))
+    return Call()
+
+
+class Traced:
+    """TorchScript traces of `fn(**tensors)`, one per signature (names, shapes, dtypes, devices of the tensors):
+    the aten ops one Python call ran, replayed without Python. A trace is exact for the inputs' shapes and dtypes
+    (their values flow through it) but bakes in any Python decision: use it only on shape-static code whose
+    weights change in place (a trace keeps the modules' parameter tensors, not their values). A signature whose
+    trace fails runs `fn` itself from then on (counted in `failed`)."""
+
+    def __init__(self, fn, module):
+        self.fn, self.module = fn, module  # module: the nn.Module whose parameters fn uses (held by the traces)
+        self.graphs: dict = {}
+        self.failed: dict = {}
+        self.setup_s = 0.0  # seconds spent tracing, with each graph's first run (TorchScript optimises it then)
+
+    def __call__(self, **tensors):
+        import torch
+
+        names = tuple(k for k, v in tensors.items() if v is not None)
+        args = tuple(tensors[k] for k in names)
+        key = tuple((k, tuple(a.shape), a.dtype, a.device.type) for k, a in zip(names, args))
+        g = self.graphs.get(key)
+        if g is None:
+            if key in self.failed:
+                return self.fn(**tensors)
+            import warnings
+
+            t0 = time.perf_counter()
+            call = _trace_module(self.fn, names)
+            call.add_module("module", self.module)  # the parameters belong to the traced module
+            try:
+                with warnings.catch_warnings():  # TracerWarning (shape checks baked in: static shapes here) and
+                    warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+                    g = torch.jit.trace(call.eval(), args, check_trace=False)
+                    out = g(*args)
+            except Exception as e:  # noqa: BLE001 - untraceable code runs eagerly, with the same numbers
+                self.failed[key] = f"{type(e).__name__}: {e}"
+                return self.fn(**tensors)
+            self.graphs[key] = g
+            self.setup_s += time.perf_counter() - t0
+            return out
+        return g(*args)
 
 
 class NonFiniteImage(ValueError):
@@ -63,7 +125,11 @@ class FastSampler:
         self.static_batch: int | None = None  # compiled: every batch padded to this size
         self._text: collections.OrderedDict = collections.OrderedDict()
         self._unet = self._decode = None
+        self.traced_unet = self.traced_decode = None  # mode "trace": the Traced callables (their graphs, failures)
+        self._old_trace_s = 0.0
         self._qkv = False
+        self._step_params: dict = {}  # scheduler class -> the parameter names of its step()
+        self._vae_dtype = None
         self._stale: set = set()
 
     # ---- weights ----
@@ -84,6 +150,7 @@ class FastSampler:
             vae.to(torch.float32)                                    # diffusers upcasts it for each decode, we once
         self.unet.to(memory_format=torch.channels_last)
         self.vae.to(memory_format=torch.channels_last)
+        self._vae_dtype = vae.dtype
 
         def decode(z):
             return vae.decode(z, return_dict=False)[0]
@@ -91,7 +158,29 @@ class FastSampler:
         self._unet = self.unet
         if not decode_ready:
             self._decode = decode
-        if self.compile:
+        if self.compile and self.mode == "trace":
+            for t in (self.traced_unet, None if decode_ready else self.traced_decode):
+                self._old_trace_s += t.setup_s if t is not None else 0.0
+            self.traced_unet = None
+            if not decode_ready:
+                self.traced_decode = None
+            if not _has_adapters(self.unet):  # an adapter's scale or on/off switch is Python: it would be baked in
+                unet = self.unet
+
+                def unet_call(x, t, cond, tcond=None, **added):
+                    return unet(x, t, encoder_hidden_states=cond, timestep_cond=tcond,
+                                added_cond_kwargs=added or None, return_dict=False)[0]
+                traced = self.traced_unet = Traced(unet_call, unet)
+
+                def traced_call(x, t, encoder_hidden_states=None, timestep_cond=None, added_cond_kwargs=None,
+                                return_dict=False):
+                    return (traced(x=x, t=t, cond=encoder_hidden_states, tcond=timestep_cond,
+                                   **(added_cond_kwargs or {})),)
+                self._unet = traced_call
+            if not decode_ready:
+                traced_vae = self.traced_decode = Traced(lambda z: decode(z), vae)
+                self._decode = lambda z: traced_vae(z=z)
+        elif self.compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/lcmtool/inductor"))
             # CPU: inductor with frozen weights (prepacked mkldnn convs: measured 1.9x on the demo UNet, 1.4x on
             # its VAE, where plain inductor gave 1.4x / 1.0x); weights_changed() compiles again
@@ -99,6 +188,11 @@ class FastSampler:
             self._unet = torch.compile(self.unet, dynamic=False, **kw)
             if not decode_ready:
                 self._decode = torch.compile(decode, dynamic=False, **kw)
+
+    @property
+    def trace_s(self) -> float:
+        """Seconds spent so far tracing (mode "trace"; with each graph's first run): a one-off cost per shape."""
+        return sum(t.setup_s for t in (self.traced_unet, self.traced_decode) if t is not None) + self._old_trace_s
 
     def set_compile(self, on: bool) -> None:
         """Compile (or not) from the next call on; the weights stay as they are."""
@@ -113,6 +207,9 @@ class FastSampler:
         if self._qkv:
             self.unet.unfuse_qkv_projections()
             self._qkv = False
+        if self.traced_unet is not None:  # its graphs go (their time stays counted in trace_s)
+            self._old_trace_s += self.traced_unet.setup_s
+            self.traced_unet = None
         self._unet = None  # the VAE's weights are not a LoRA's: its compiled decode stays
         self._stale = {k for k in self.compile_times if k[0] != "decode"}  # compiled again on their next call
 
@@ -176,7 +273,7 @@ class FastSampler:
 
         self.prepare()
         n = len(prompts)
-        pad = max(0, (self.static_batch or n) - n) if self.compile else 0
+        pad = max(0, (self.static_batch or n) - n) if self.compile and self.mode != "trace" else 0  # a trace: ~1 s
         prompts, negatives = list(prompts) + [prompts[-1]] * pad, list(negatives) + [negatives[-1]] * pad
         seeds = list(seeds) + [seeds[-1]] * pad
         with torch.inference_mode():
@@ -201,12 +298,12 @@ class FastSampler:
         cfg = guidance > 1 and unet.config.time_cond_proj_dim is None  # diffusers' do_classifier_free_guidance
         cond, added = self.conditioning(prompts, negatives, cfg, height, width)
         gens = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        pipe.scheduler = scheduler  # prepare_latents / prepare_extra_step_kwargs read pipe.scheduler
+        pipe.scheduler = scheduler  # prepare_latents reads pipe.scheduler (init_noise_sigma)
         ts, _ = retrieve_timesteps(scheduler, None if timesteps else steps, self.device,
                                    list(timesteps) if timesteps else None)
         latents = pipe.prepare_latents(len(prompts), unet.config.in_channels, height, width, cond.dtype,
                                        self.device, gens)
-        extra = pipe.prepare_extra_step_kwargs(gens, 0.0 if eta is None else eta)
+        extra = self._step_kwargs(scheduler, gens, 0.0 if eta is None else eta)
         tcond = None
         if unet.config.time_cond_proj_dim is not None:
             w = torch.tensor(guidance - 1).repeat(len(prompts))
@@ -230,12 +327,22 @@ class FastSampler:
         self._note_compile(key, t0)
         return latents
 
+    def _step_kwargs(self, scheduler, gens, eta: float) -> dict:
+        """diffusers' prepare_extra_step_kwargs (eta and generator where step() takes them), its signature
+        look-up done once per scheduler class."""
+        import inspect
+
+        params = self._step_params.get(type(scheduler))
+        if params is None:
+            params = self._step_params[type(scheduler)] = set(inspect.signature(scheduler.step).parameters)
+        return {k: v for k, v in (("eta", eta), ("generator", gens)) if k in params}
+
     def decode(self, latents):
         """Final latents -> uint8 images (B x H x W x 3) on the host, as diffusers' postprocess rounds them."""
         import torch
 
         vae = self.vae
-        latents = latents.to(vae.dtype)
+        latents = latents.to(self._vae_dtype)  # (diffusers' ModelMixin.dtype walks the parameters: ~1 ms)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
             mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)

@@ -11,9 +11,7 @@ Runs on one device, or data-parallel with `accelerate launch -m lcmtool distill 
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,9 @@ from typing import Any
 from lcmtool.distill import checkpoint as ckpt
 from lcmtool.distill import lcd
 from lcmtool.distill.checkpoint import StopRequest, TrainState
-from lcmtool.distill.monitor import Meter, loss_curve_png, make_progress
+from lcmtool.distill.monitor import loss_curve_png
 from lcmtool.engines import distill_eval
-from lcmtool.engines.training import latent_data, log_step, open_run
+from lcmtool.engines.training import latent_data, open_run, run_loop
 from lcmtool.errors import LcmError, to_stderr
 from lcmtool.lora.formats import LCM_TARGETS  # the 14 LCM-LoRA module kinds, defined once
 from lcmtool.options import DistillConfig  # every option is declared once, in lcmtool/options.py
@@ -295,32 +293,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
 def _distill(cfg: DistillConfig, out: Path, log=None) -> dict:
     log = log or to_stderr
     run = setup(cfg, out, log)
-    state = resume(run)
-    progress, task = make_progress(cfg.max_steps, state.step, run.main)
-    run.unet.train()
-    meter, stop = Meter(), StopRequest(single_process=run.world == 1)
-    metrics = open(out / "metrics.jsonl", "a" if cfg.resume else "w") if run.main else contextlib.nullcontext()
-    with metrics as run.metrics:  # metrics.jsonl (main process): the loop's and finish's records
-        try:
-            stop.install()
-            with progress:
-                while state.step < cfg.max_steps:
-                    meter.add(train_step(run, state, stop))
-                    log_step(run, state, meter, progress, task, "distill")
-                    after_step(run, state, stop)
-        except BaseException as exc:
-            # an interrupt raised mid-step (second Ctrl-C, or a test): one process can still write its checkpoint;
-            # several cannot safely (the others may be inside a collective), so they leave with the last periodic
-            if isinstance(exc, KeyboardInterrupt) and state.step > state.start_step and not stop.written \
-                    and run.world == 1:
-                where = save_checkpoint(run, state, "interrupted")
-                log(f"interrupted at step {state.step}: checkpoint {where} (continue with --resume latest)")
-            if run.tracker:
-                run.accelerator.end_training()  # flush the TensorBoard events logged so far
-            raise
-        finally:
-            stop.restore()
-        return finish(run, state, time.time() - meter.t0)
+    return run_loop(run, resume(run), cfg, out, "distill", train_step, after_step, save_checkpoint, finish, log)
 
 
 def save_lora(run: Run, state: TrainState, name: str = "lcm-lora-best.safetensors") -> Path | None:

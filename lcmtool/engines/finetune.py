@@ -10,15 +10,14 @@ folder, with --full), validation.png (DPM-Solver++ at CFG 7.5), loss.png, metric
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lcmtool.distill import checkpoint as ckpt
 from lcmtool.distill.checkpoint import StopRequest, TrainState
-from lcmtool.distill.monitor import Meter, loss_curve_png, make_progress
-from lcmtool.engines.training import log_step
+from lcmtool.distill.monitor import loss_curve_png
+from lcmtool.engines.training import run_loop
 from lcmtool.errors import LcmError, to_stderr
 from lcmtool.options import FinetuneConfig
 
@@ -241,34 +240,16 @@ def after_step(run: Tune, state: TrainState, stop: StopRequest) -> None:
 
 
 def finetune(cfg: FinetuneConfig, log=None) -> dict:
-    """Run the fine-tune; returns a summary dict (output path, steps, first and final loss)."""
+    """Run the fine-tune; returns a summary dict (output path, steps, first and final loss). A run that fails
+    before its first checkpoint leaves no run folder it created (as distill)."""
+    from lcmtool.fileio import fresh_folder
+
     log = log or to_stderr
     out = check_config(cfg)
-    run = setup(cfg, out, log)
-    state = resume(run)
-    if run.main:
-        run.metrics = open(out / "metrics.jsonl", "a" if cfg.resume else "w")
-    progress, task = make_progress(cfg.max_steps, state.step, run.main)
-    run.unet.train()
-    meter, stop = Meter(), StopRequest(single_process=run.accelerator.num_processes == 1)
-    try:
-        stop.install()
-        with progress:
-            while state.step < cfg.max_steps:
-                meter.add(train_step(run, state, stop))
-                log_step(run, state, meter, progress, task, "finetune")
-                after_step(run, state, stop)
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) and state.step > state.start_step and not stop.written:
-            log(f"interrupted at step {state.step}: checkpoint {save_checkpoint(run, state, 'interrupted')}")
-        if run.tracker:
-            run.accelerator.end_training()
-        raise
-    finally:
-        stop.restore()
-        if run.metrics:
-            run.metrics.close()
-    return finish(run, state, time.time() - meter.t0)
+    with fresh_folder(out, keep=lambda p: any(ckpt.is_checkpoint(c) for c in (p / "checkpoints").glob("*"))):
+        run = setup(cfg, out, log)
+        return run_loop(run, resume(run), cfg, out, "finetune", train_step, after_step, save_checkpoint, finish,
+                        log)
 
 
 def style_of(cfg: FinetuneConfig) -> str:

@@ -1,13 +1,16 @@
-"""What the training engines share (finetune today; distill's setup() has the same steps): the run's machine, data
-listing, model and run folder (`open_run`), the latent cache (`latent_data`) and the per-interval log (`log_step`).
+"""What the training engines (distill, finetune) share: the run's machine, data listing, model and run folder
+(`open_run`), the latent cache (`latent_data`), the per-interval log (`log_step`) and the training loop itself
+(`run_loop`: progress, metrics.jsonl, Ctrl-C checkpoints, the final summary).
 
 `cfg` is any config with distill's machine, data and output keys (DistillConfig, FinetuneConfig).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,3 +127,40 @@ def log_step(run, state, meter, progress, task, label: str) -> None:
     progress.update(task, completed=step, loss=f"{mean:.4g}", sps=f"{sps:.0f}")
     if run.main and progress.disable and (step % (cfg.log_every * 5) == 0 or step == cfg.max_steps):
         run.log(f"{label} step {step}/{cfg.max_steps} loss {mean:.4g} {sps:.0f} samples/s elapsed {elapsed:.0f}s")
+
+
+def run_loop(run, state, cfg, out: Path, label: str, train_step: Callable, after_step: Callable,
+             save_checkpoint: Callable, finish: Callable, log: Callable) -> dict:
+    """Train `run` from `state` to cfg.max_steps: one `train_step(run, state, stop)` (-> its losses) and one
+    `after_step(run, state, stop)` (checkpoints, validation, a stop request) per optimizer step, a progress bar and
+    the interval log, metrics.jsonl on the main process (appended on --resume); -> `finish(run, state, seconds)`.
+
+    A KeyboardInterrupt raised mid-step (a second Ctrl-C, or a test) in a single-process run still writes a
+    checkpoint with `save_checkpoint(run, state, "interrupted")`; several processes cannot safely (the others may
+    be inside a collective), so they leave with the last periodic one. TensorBoard is flushed either way."""
+    from lcmtool.distill.checkpoint import StopRequest
+    from lcmtool.distill.monitor import Meter, make_progress
+
+    single = run.accelerator.num_processes == 1
+    progress, task = make_progress(cfg.max_steps, state.step, run.main)
+    run.unet.train()
+    meter, stop = Meter(), StopRequest(single_process=single)
+    metrics = open(out / "metrics.jsonl", "a" if cfg.resume else "w") if run.main else contextlib.nullcontext()
+    with metrics as run.metrics:  # the loop's and finish's records
+        try:
+            stop.install()
+            with progress:
+                while state.step < cfg.max_steps:
+                    meter.add(train_step(run, state, stop))
+                    log_step(run, state, meter, progress, task, label)
+                    after_step(run, state, stop)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) and state.step > state.start_step and not stop.written and single:
+                where = save_checkpoint(run, state, "interrupted")
+                log(f"interrupted at step {state.step}: checkpoint {where} (continue with --resume latest)")
+            if run.tracker:
+                run.accelerator.end_training()  # flush the TensorBoard events logged so far
+            raise
+        finally:
+            stop.restore()
+        return finish(run, state, time.time() - meter.t0)

@@ -120,6 +120,28 @@ def test_resume_continues_the_straight_run(teachers, cache, tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(teachers, cache, tmp_path, monkeypatch):
+    """The shared loop (training.run_loop) under fresh_folder: a fresh run folder goes when the run fails before any
+    checkpoint; one with a checkpoint stays (it can be resumed)."""
+    import lcmtool.engines.finetune as ft
+
+    real_step, calls = ft.train_step, []
+
+    def failing(run, state, stop):
+        calls.append(state.step)
+        if state.step >= 2:
+            raise RuntimeError("boom")
+        return real_step(run, state, stop)
+
+    monkeypatch.setattr(ft, "train_step", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        finetune(cfg_for(teachers, cache, tmp_path / "none", checkpoint_every=100))
+    assert calls == [0, 1, 2] and not (tmp_path / "none").exists()
+    with pytest.raises(RuntimeError, match="boom"):
+        finetune(cfg_for(teachers, cache, tmp_path / "kept", checkpoint_every=1))
+    assert list((tmp_path / "kept" / "checkpoints").glob("step-*"))
+
+
 def test_bad_inputs_are_one_line_errors(teachers, cache, tmp_path):
     with pytest.raises(LcmError, match="unknown demo data"):
         finetune(cfg_for(teachers, cache, tmp_path, data="demo:shapes:wavy"))

@@ -40,6 +40,7 @@ def test_tiny_run_writes_results_with_every_part_and_sane_numbers(tmp_path):
     assert isinstance(res["table3"]["sd"]["outline"]["weak_reference"], bool)
     refusal = res["table2"]["refusal"]
     assert refusal["refused"] and "does not fit demo:xl" in refusal["message"]
+    assert str(Path.cwd()) not in refusal["message"] and "lcm-lora-demo-sd.safetensors" in refusal["message"]
     assert res["artefacts"]["origin"][res["artefacts"]["style"]["sd"]["outline"]] == "shipped"
     assert res["artefacts"]["origin"][res["artefacts"]["variant"]["sd"]] == "made by finetune --full"
     assert all(isinstance(res["claims"][k], bool) for k in ("lcd", "universality", "style"))

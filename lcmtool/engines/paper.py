@@ -149,7 +149,7 @@ def artefacts(cfg: PaperConfig, work: Path, log, commands: list) -> dict:
             if shipped.is_file() and not cfg.rebuild:
                 path, how = shipped, "shipped"
             elif mine.is_file() and not cfg.rebuild:
-                path, how = mine, f"made earlier by finetune (reused; its config: {mine.parent / 'config.yaml'})"
+                path, how = mine, f"made earlier by finetune (reused; {_budget(mine.parent)})"
             else:
                 path = made_by_finetune(f"demo-style-{style}.yaml", f"demo:{fam}", mine.parent, cfg, log, commands)
                 how = "made by finetune"
@@ -157,13 +157,27 @@ def artefacts(cfg: PaperConfig, work: Path, log, commands: list) -> dict:
             out["origin"][str(path)] = how
         if "universality" in cfg.parts:
             folder = made / f"variant-{fam}" / "pipeline"
-            how = f"made earlier by finetune --full (reused; its config: {folder.parent / 'config.yaml'})"
+            how = f"made earlier by finetune --full (reused; {_budget(folder.parent)})"
             if cfg.rebuild or not (folder / "model_index.json").is_file():
                 folder = made_by_finetune("demo-variant.yaml", f"demo:{fam}", folder.parent, cfg, log, commands)
                 how = "made by finetune --full"
             out["variant"][fam] = str(folder)
             out["origin"][str(folder)] = how
     return out
+
+
+BUDGET_KEYS = ("max_steps", "batch_size", "num_samples", "lr")
+
+
+def _budget(run: Path) -> str:
+    """What a reader of the results needs of an earlier finetune run's config (run/config.yaml): its budget."""
+    import yaml
+
+    try:
+        conf = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return f"its config {run / 'config.yaml'} unreadable"
+    return ", ".join(f"{k} {conf[k]}" for k in BUDGET_KEYS if k in conf) + f"; config {run / 'config.yaml'}"
 
 
 def rebuild_lcm(fam: str, out: Path, cfg: PaperConfig, log, commands: list) -> Path:
@@ -209,9 +223,18 @@ def refusal(lcm_sd: str, cfg: PaperConfig, work: Path) -> dict:
     try:
         sample(SampleConfig(model="demo:xl", lora=[lcm_sd], prompt="a large red circle on the left",
                             device=cfg.device, out=str(work / "refused")), progress=False)
-    except LcmError as e:
-        return {"refused": True, "message": str(e)}
+    except LcmError as e:  # results are committed: the LoRA's path as the repository (or its name) says it
+        return {"refused": True, "message": str(e).replace(lcm_sd, _display_path(lcm_sd))}
     return {"refused": False, "message": "the SD LoRA was accepted by the XL teacher"}
+
+
+def _display_path(path: str) -> str:
+    """`path` relative to the working directory when it lies under it, else its file name (no machine paths)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
 
 
 def merged(style: str, lcm: str, out: Path, l1: float, l2: float, blocks: dict | None = None) -> str:

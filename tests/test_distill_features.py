@@ -263,7 +263,7 @@ def test_stage_2_config_continues_stage_1_and_made_the_shipped_lora(fam):
               "eval_every", "init_lora"}
     assert {k: v for k, v in one.items() if k not in stage2} == {k: v for k, v in two.items() if k not in stage2}
     assert two["init_lora"] == f"runs/{one['name']}/lcm-lora.safetensors" and "init_lora" not in one
-    assert two["w_min"] == two["w_max"] == 2.0 and two["lr"] < one["lr"]
+    assert two["w_min"] == two["w_max"] == {"sd": 2.0, "xl": 0.5}[fam] and two["lr"] < one["lr"]  # fixed, low w
     made = json.loads(load_lora(root / f"lcmtool/demo/assets/lcm-lora-demo-{fam}.safetensors").metadata["config"])
     from lcmtool.options import DistillConfig
 
@@ -271,4 +271,5 @@ def test_stage_2_config_continues_stage_1_and_made_the_shipped_lora(fam):
     for key in ("w_min", "w_max", "lr", "max_steps", "warmup_steps", "batch_size", "num_ddim_timesteps", "loss",
                 "huber_c", "ema_decay", "lr_schedule", "seed", "model", "num_samples", "uncond"):
         assert made[key] == getattr(resolved, key), key
-    assert made["init_lora"] == f"lcm-lora-demo-{fam}.safetensors"  # stage 1 = the LoRA shipped until 2026-12-01
+    # stage 1 = the LoRA shipped until 2026-12-01 (in git at 3297757), under its old name or extracted as stage1-xl
+    assert made["init_lora"] == {"sd": "lcm-lora-demo-sd.safetensors", "xl": "stage1-xl.safetensors"}[fam]

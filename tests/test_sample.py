@@ -156,7 +156,7 @@ def test_traced_loop_equals_eager_loop(demo_folders, loras, fam):
     """TorchScript traces (CPU --compile's mode) give the eager loop's pixels exactly, for all five schedulers with
     and without CFG: one UNet graph per input shape, reused at every step (its timestep is an input, not a
     constant); another batch size is traced anew; a LoRA fused into the weights in place afterwards reaches the
-    traces (they hold the parameter tensors); trace time is counted apart and no trace failed."""
+    traces (they hold the parameter tensors); trace time is counted in trace_s and no trace failed."""
     from lcmtool.engines.sample import set_scheduler
     from lcmtool.lora.fuse import fuse_into_pipeline
     from lcmtool.lora.io import load_lora
@@ -189,6 +189,36 @@ def test_traced_loop_equals_eager_loop(demo_folders, loras, fam):
     eager._text.clear(), traced._text.clear()
     a2, b2 = both("lcm", 1.0, n=1)
     assert torch.equal(a2, b2) and (a2.int() - a.int()).abs().max() > 2, "the fused LoRA reached the traces"
+
+
+def test_generate_steady_times_a_tracing_batch_again():
+    """generate(steady=True): a batch during which the sampler traced a new shape runs again and the second run is
+    timed (paper's ms/image columns); a batch that traced nothing runs once; without steady the wall time stays."""
+    import time as _time
+    from types import SimpleNamespace
+
+    from lcmtool.engines.sample import Job, generate
+
+    class Fake:
+        def __init__(self):
+            self.trace_s, self.calls = 0.0, 0
+
+        def __call__(self, prompts, *a, **kw):
+            self.calls += 1
+            if self.calls == 1:  # the first call traces: slow, and counted in trace_s
+                _time.sleep(0.3)
+                self.trace_s += 0.3
+            return ["img"] * len(prompts)
+
+    pipe, jobs = SimpleNamespace(scheduler=None), [Job(PROMPT, "", 0)]
+    fake = Fake()
+    images, ms = generate(pipe, jobs, "lcm", 4, 1.0, 64, 64, "cpu", sampler=fake, steady=True)
+    assert images == ["img"] and fake.calls == 2 and ms < 250
+    generate(pipe, jobs, "lcm", 4, 1.0, 64, 64, "cpu", sampler=fake, steady=True)
+    assert fake.calls == 3
+    slow = Fake()
+    _, ms = generate(pipe, jobs, "lcm", 4, 1.0, 64, 64, "cpu", sampler=slow)
+    assert slow.calls == 1 and ms >= 300
 
 
 def test_traced_falls_back_to_the_call_it_cannot_trace():

@@ -346,7 +346,8 @@ def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
         shipped = out.resolve() == ASSETS.resolve()
         teacher = f"demo:{fam}" if shipped else str(out / f"demo-{fam}")
         # two distillations (configs/distill/demo-<fam>.yaml, then demo-<fam>-refine.yaml from its LoRA): w in
-        # [2, 6.5], then w = 2 (issue 13: the student's FD-demo follows the guidance it is distilled at)
+        # [2, 6.5], then a fixed low w, 2 for sd and 0.5 for xl (issue 13: the student's FD-demo follows the
+        # guidance it is distilled at)
         stage2 = work / f"lcm-run-{fam}-refine"
         for config, dst, init in ((f"demo-{fam}", run, []),
                                   (f"demo-{fam}-refine", stage2, ["--init-lora", str(run / "lcm-lora.safetensors")])):

@@ -89,7 +89,7 @@ class Bench:
         images, total_ms, lines = [], 0.0, []
         for b in range(0, len(jobs), cfg.batch_size):
             ims, ms = S.generate(self.pipe, jobs[b:b + cfg.batch_size], scheduler, steps, guidance, *self.size,
-                                 self.device)
+                                 self.device, steady=True)
             images += ims
             total_ms += ms
         for i, (job, im) in enumerate(zip(jobs, images, strict=True)):

@@ -99,5 +99,7 @@ def test_bench_startup_alternates_and_its_command_is_a_valid_sample_command(fold
     res = CliRunner().invoke(app, argv + ["--steps", "1", "--lora", "none"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "one").glob("*.png"))) == 1
-    with pytest.raises(RuntimeError, match="exited 3"):
+    from lcmtool.errors import LcmError
+
+    with pytest.raises(LcmError, match="exited 3"):
         real_wall([__import__("sys").executable, "-c", "raise SystemExit(3)"])

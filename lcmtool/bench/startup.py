@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lcmtool.errors import LcmError
+
 PROMPT = "a large red circle on the left"
 BARE = "from diffusers import StableDiffusionPipeline"
 
@@ -25,14 +27,17 @@ def _wall(argv: list[str]) -> float:
     res = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {res.returncode}: {tail}")
+        raise LcmError(f"bench --startup: {' '.join(argv[1:4])} ... exited {res.returncode}: {tail}")
     return time.perf_counter() - t
 
 
 def bench_startup(model: str = "demo:sd", rounds: int = 3, device: str = "cpu", log=print) -> list[dict]:
     """Rows for the bare import and the one-image command: median wall seconds over `rounds` alternating runs."""
+    from lcmtool.models.load import resolve_model
+
     if rounds < 1:
-        raise ValueError("rounds must be >= 1")
+        raise LcmError(f"--rounds must be >= 1, got {rounds}")
+    resolve_model(model)  # a missing model is told before any process starts
     with tempfile.TemporaryDirectory(prefix="lcmtool-startup-") as tmp:
         def command(i: int) -> list[str]:
             return [sys.executable, "-m", "lcmtool", "sample", "--model", model, "--prompt", PROMPT,

@@ -330,6 +330,9 @@ def _eval_bench() -> list[Case]:
         Case("bench", "--sample", "maybe (--set)", ["--set", "sample=maybe"], "true or false", out=""),
         Case("bench", "--merge", "2 (--set)", ["--set", "merge=2"], "true or false", out=""),
         Case("bench", "--distill", "yes please (--set)", ["--set", "distill=yes please"], "true or false", out=""),
+        Case("bench", "--startup", "sometimes (--set)", ["--set", "startup=sometimes"], "true or false", out=""),
+        Case("bench", "--rounds", "0", ["--startup", "--rounds", "0"], "must be >= 1", out=""),
+        Case("bench", "--model", "(missing, --startup)", ["--startup", "--model", "{missing}"], "not found", out=""),
     ]
 
 

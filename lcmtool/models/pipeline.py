@@ -49,15 +49,18 @@ def _has_adapters(module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
-def _trace_module(fn, names: tuple):
-    """An nn.Module whose forward(*tensors) calls fn(**dict(zip(names, tensors))) (torch.jit.trace takes
-    positional tensors only; the module's parameters are traced as parameters, not constants)."""
+def _trace_module(fn, names: tuple, module):
+    """An nn.Module whose forward(*tensors) calls fn(**dict(zip(names, tensors))), with `module` (whose parameters
+    fn uses) as its submodule: torch.jit.trace takes positional tensors only, and traces the parameters of the
+    module it is given as parameters, not constants."""
     import torch
 
     class Call(torch.nn.Module):
         def forward(self, *tensors):
             return fn(**dict(zip(names, tensors)))
-    return Call()
+    call = Call()
+    call.add_module("module", module)
+    return call
 
 
 class Traced:
@@ -86,12 +89,10 @@ class Traced:
             import warnings
 
             t0 = time.perf_counter()
-            call = _trace_module(self.fn, names)
-            call.add_module("module", self.module)  # the parameters belong to the traced module
             try:
                 with warnings.catch_warnings():  # TracerWarning (shape checks baked in: static shapes here) and
                     warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-                    g = torch.jit.trace(call.eval(), args, check_trace=False)
+                    g = torch.jit.trace(_trace_module(self.fn, names, self.module).eval(), args, check_trace=False)
                     out = g(*args)
             except Exception as e:  # noqa: BLE001 - untraceable code runs eagerly, with the same numbers
                 self.failed[key] = f"{type(e).__name__}: {e}"
@@ -126,7 +127,7 @@ class FastSampler:
         self._text: collections.OrderedDict = collections.OrderedDict()
         self._unet = self._decode = None
         self.traced_unet = self.traced_decode = None  # mode "trace": the Traced callables (their graphs, failures)
-        self._old_trace_s = 0.0
+        self._traces: list = []  # every Traced made so far (trace_s sums their time, dropped ones included)
         self._qkv = False
         self._step_params: dict = {}  # scheduler class -> the parameter names of its step()
         self._vae_dtype = None
@@ -159,11 +160,7 @@ class FastSampler:
         if not decode_ready:
             self._decode = decode
         if self.compile and self.mode == "trace":
-            for t in (self.traced_unet, None if decode_ready else self.traced_decode):
-                self._old_trace_s += t.setup_s if t is not None else 0.0
             self.traced_unet = None
-            if not decode_ready:
-                self.traced_decode = None
             if not _has_adapters(self.unet):  # an adapter's scale or on/off switch is Python: it would be baked in
                 unet = self.unet
 
@@ -171,6 +168,7 @@ class FastSampler:
                     return unet(x, t, encoder_hidden_states=cond, timestep_cond=tcond,
                                 added_cond_kwargs=added or None, return_dict=False)[0]
                 traced = self.traced_unet = Traced(unet_call, unet)
+                self._traces.append(traced)
 
                 def traced_call(x, t, encoder_hidden_states=None, timestep_cond=None, added_cond_kwargs=None,
                                 return_dict=False):
@@ -178,7 +176,8 @@ class FastSampler:
                                    **(added_cond_kwargs or {})),)
                 self._unet = traced_call
             if not decode_ready:
-                traced_vae = self.traced_decode = Traced(lambda z: decode(z), vae)
+                traced_vae = self.traced_decode = Traced(decode, vae)
+                self._traces.append(traced_vae)
                 self._decode = lambda z: traced_vae(z=z)
         elif self.compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/lcmtool/inductor"))
@@ -192,7 +191,7 @@ class FastSampler:
     @property
     def trace_s(self) -> float:
         """Seconds spent so far tracing (mode "trace"; with each graph's first run): a one-off cost per shape."""
-        return sum(t.setup_s for t in (self.traced_unet, self.traced_decode) if t is not None) + self._old_trace_s
+        return sum(t.setup_s for t in self._traces)
 
     def set_compile(self, on: bool) -> None:
         """Compile (or not) from the next call on; the weights stay as they are."""
@@ -207,9 +206,7 @@ class FastSampler:
         if self._qkv:
             self.unet.unfuse_qkv_projections()
             self._qkv = False
-        if self.traced_unet is not None:  # its graphs go (their time stays counted in trace_s)
-            self._old_trace_s += self.traced_unet.setup_s
-            self.traced_unet = None
+        self.traced_unet = None  # its graphs go (their time stays counted in trace_s)
         self._unet = None  # the VAE's weights are not a LoRA's: its compiled decode stays
         self._stale = {k for k in self.compile_times if k[0] != "decode"}  # compiled again on their next call
 

@@ -292,8 +292,11 @@ def _publish_with_side(tmp: Path, final: Path, side: tuple[Path, Path]) -> None:
     st = os.stat(tmp)
     journal = {"main": final.name, "dev": st.st_dev, "ino": st.st_ino, "side": side_final.name,
                "staged": staged.name}
-    (staged.parent / JOURNAL).write_text(json.dumps(journal))
-    _durable(staged.parent / JOURNAL, 0o600)
+    part = staged.parent / (JOURNAL + ".part")  # the journal appears whole or not at all: a kill mid-write
+    part.write_text(json.dumps(journal))          # leaves only the .part, which means "main not renamed yet"
+    _durable(part, 0o600)
+    os.replace(part, staged.parent / JOURNAL)
+    fsync_dir(staged.parent)
     os.replace(tmp, final)
     os.replace(staged, side_final)
     _pairs.staged.pop(final.absolute(), None)
@@ -302,7 +305,10 @@ def _publish_with_side(tmp: Path, final: Path, side: tuple[Path, Path]) -> None:
 
 def _finish_pair(tdir: Path, folder: Path) -> None:
     """The roll-forward of `_publish_with_side` after a kill: publish the staged side file if the main is ours."""
-    j = json.loads((tdir / JOURNAL).read_text())
+    try:
+        j = json.loads((tdir / JOURNAL).read_text())
+    except ValueError:  # a journal is renamed into place whole; an unreadable one was never committed
+        return
     staged, main = tdir / j["staged"], folder / j["main"]
     st = os.stat(main) if main.exists() else None
     if st is not None and (st.st_dev, st.st_ino) == (j["dev"], j["ino"]) and staged.is_file():

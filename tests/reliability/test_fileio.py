@@ -136,6 +136,22 @@ def test_pair_killed_between_the_renames_is_finished_by_the_next_write(tmp_path,
     assert side.read_bytes() == b"v: new\n" and entries(tmp_path) == {out.name, side.name}
 
 
+def test_pair_killed_while_writing_its_journal_keeps_the_old_pair(tmp_path, dead_pid):
+    """A kill mid-journal leaves a partial journal (here: empty, the CI failure of stop 21) or only its .part:
+    the main was not renamed yet, so the next write keeps the old pair and clears the temp folder."""
+    out, side = tmp_path / "m.safetensors", tmp_path / "m.yaml"
+    out.write_bytes(b"old")
+    side.write_bytes(b"v: old\n")
+    for journal in (fileio.JOURNAL, fileio.JOURNAL + ".part"):
+        tdir = stale(tmp_path, side.name, dead_pid)
+        tdir.mkdir()
+        (tdir / side.name).write_bytes(b"v: new\n")
+        (tdir / journal).write_text("")
+        fileio.clean_stale(tmp_path)
+        assert (out.read_bytes(), side.read_bytes()) == (b"old", b"v: old\n")
+        assert entries(tmp_path) == {out.name, side.name}
+
+
 def test_pair_side_failing_leaves_the_old_pair(tmp_path, monkeypatch):
     out, side = tmp_path / "m.safetensors", tmp_path / "m.yaml"
     out.write_bytes(b"old")

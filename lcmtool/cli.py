@@ -20,7 +20,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lcmtool import __version__, options
+from lcmtool import __version__, options, startup
 from lcmtool.config import parse_scalar
 from lcmtool.errors import LcmError, to_stderr
 
@@ -155,7 +155,12 @@ def command(cfg_cls: type, name: str | None = None):
             config, sets, json_ = kw.pop("config"), kw.pop("set_"), kw.pop("json_")
             kw.pop("debug")
             flags = {k: (parsers[k](v) if parsers[k] and v is not None else v) for k, v in kw.items()}
-            return body(resolve(cfg_cls, config, flags, sets), json_)
+            cfg = resolve(cfg_cls, config, flags, sets)
+            startup.pause()  # the body's heavy imports with the collector paused, until its model load
+            try:
+                return body(cfg, json_)
+            finally:
+                startup.settle()
 
         run.__signature__ = inspect.Signature(params)
         run.__annotations__ = {}
@@ -316,6 +321,7 @@ def bench(cfg, json_: bool):
 
 
 def main():
+    startup.enable()  # the console command: heavy imports with the collector paused (lcmtool.startup)
     app()
 
 

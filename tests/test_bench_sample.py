@@ -80,21 +80,27 @@ def test_bench_startup_alternates_and_its_command_is_a_valid_sample_command(fold
     from lcmtool.cli import app
 
     folder, _ = folder_and_lora
-    calls, fake = [], iter([9.0, 10.0, 8.0, 9.5, 10.0, 11.0, 9.0, 9.9])
+    calls, envs = [], []
+    fake = iter([9.0, 7.0, 10.0, 11.0,  8.0, 7.5, 9.5, 12.0,  10.0, 6.0, 11.0, 10.0,  9.0, 8.0, 9.9, 11.0])
 
-    def wall(argv):
+    def wall(argv, env=None):
         calls.append(argv)
+        envs.append(env)
         return next(fake)
 
     real_wall = st._wall
     monkeypatch.setattr(st, "_wall", wall)
     rows = st.bench_startup(folder, rounds=3, log=lambda *a: None)
-    kinds = ["bare" if a[1] == "-c" else "cmd" for a in calls]
-    assert kinds == ["bare", "cmd"] * 4  # warm-up, then 3 rounds in alternation
-    bare, cmd = rows
+    kinds = [("bare" if a[1] == "-c" else "cmd") + ("-paused" if "gc.disable()" in " ".join(a) else "")
+             + ("-nopause" if e else "") for a, e in zip(calls, envs, strict=True)]
+    assert kinds == ["bare", "bare-paused", "cmd", "cmd-nopause"] * 4  # warm-up, then 3 rounds in alternation
+    assert all(e in (None, {"LCMTOOL_GC_PAUSE": "0"}) for e in envs)
+    bare, bare_paused, cmd, cmd_nopause = rows
     assert bare["wall_s_all"] == [8.0, 10.0, 9.0] and bare["wall_s"] == 9.0 and bare["ratio_vs_bare_import"] == 1.0
+    assert bare_paused["wall_s"] == 7.5 and cmd["ratio_vs_bare_import_gc_paused"] == round(9.9 / 7.5, 3)
     assert cmd["wall_s_all"] == [9.5, 11.0, 9.9] and cmd["wall_s"] == 9.9 and cmd["ratio_vs_bare_import"] == 1.1
-    argv = calls[1][3:]  # after python -m lcmtool
+    assert cmd_nopause["path"] == "lcmtool_sample_one_image_no_gc_pause" and cmd_nopause["wall_s"] == 11.0
+    argv = calls[2][3:]  # after python -m lcmtool
     argv[argv.index("--out") + 1] = str(tmp_path / "one")
     res = CliRunner().invoke(app, argv + ["--steps", "1", "--lora", "none"])
     assert res.exit_code == 0, res.output

@@ -36,8 +36,11 @@ def random_pipeline(family: str, device: str, dtype):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from lcmtool import startup
     from lcmtool.models.schedulers import scheduler_class
     from lcmtool.models.single_file import single_file_config_dir
+
+    startup.settle()  # the heavy imports are done (lcmtool.startup)
 
     with tempfile.TemporaryDirectory(prefix="lcmtool-random-") as tmp:
         d = single_file_config_dir(family, dst=Path(tmp))
@@ -311,7 +314,9 @@ def main(argv: list[str]) -> None:
     lines = "".join(json.dumps(r) + "\n" for r in rows)
     sys.stdout.write(lines)
     if out:
-        Path(out).write_text(lines)
+        from lcmtool.fileio import atomic_write_text
+
+        atomic_write_text(out, lines)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,16 @@ def load_teacher(spec: str):
     import torch
     from diffusers import DiffusionPipeline
 
-    from lcmtool.models.load import family_of_pipeline, resolve_model
+    from lcmtool.models.load import family_of_pipeline, pipeline_classes, resolve_model, text_encoders
+
+    pipeline_classes()  # the pipeline modules from_pretrained would import: the start-up pause ends here
 
     ref = resolve_model(spec)
     if ref.kind == "single-file":
         raise LcmError(f"{spec}: distill needs a diffusers folder or hub id (convert the single file first)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(ref.location, torch_dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(ref.location, torch_dtype=torch.float32,
+                                                 **text_encoders(ref.location, torch.float32))
     except (OSError, ValueError, RuntimeError) as e:  # a missing or damaged part, or a pickle lcmtool won't run
         raise LcmError(f"cannot load the teacher {spec}: {str(e).strip().splitlines()[0][:200]} (lcmtool loads "
                        "safetensors weights; pickled .bin weights are refused)") from None

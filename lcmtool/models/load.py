@@ -120,6 +120,67 @@ def quiet_libraries() -> None:
     dlogging.disable_progress_bar()
 
 
+def pipeline_classes():
+    """(StableDiffusionPipeline, StableDiffusionXLPipeline), the libraries quieted; the end of the command's
+    heavy imports (their modules pull transformers' CLIP models and peft), so the start-up pause ends here,
+    before any weights are read (lcmtool.startup)."""
+    quiet_libraries()
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from lcmtool import startup
+
+    startup.settle()
+    return StableDiffusionPipeline, StableDiffusionXLPipeline
+
+
+CLIP_TEXT = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def text_encoders(folder: str | Path, dtype=None) -> dict:
+    """The CLIP text encoder(s) of a diffusers pipeline folder, built from their config and loaded straight from
+    their one `model.safetensors` -> {"text_encoder": model, ...}, for `from_pretrained(..., **those)`.
+
+    Why: transformers' from_pretrained builds its checkpoint-conversion table for every model type it knows (about
+    1,100 regex renames) on a process's first model load, 0.5 s of a 4-step demo command on our CPU, and a CLIP
+    checkpoint needs none of it. The result equals from_pretrained's (tested: weights, dtype, config, outputs).
+    Any other case (sharded or .bin weights, another class, a key that does not match) is left out of the dict,
+    and from_pretrained loads that part as before."""
+    import json
+
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        return {}
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        lib, cls_name = (index.get(name) or [None, None])[:2]
+        sub = folder / name
+        if lib != "transformers" or cls_name not in CLIP_TEXT or not (sub / "model.safetensors").is_file():
+            continue
+        try:
+            cls = getattr(transformers, cls_name)
+            config = cls.config_class.from_pretrained(sub)
+            with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (position_ids) real
+                model = cls(config)
+            state = load_file(sub / "model.safetensors")
+            model.load_state_dict(state, strict=True, assign=True)
+        except Exception:  # noqa: BLE001 - anything unusual: from_pretrained loads this part instead
+            continue
+        model.config._name_or_path = str(sub)  # as from_pretrained records them
+        if dtype is not None:
+            model.config.dtype = dtype
+        out[name] = model.to(dtype if dtype is not None else torch.float32).eval()
+    return out
+
+
 def load_pipeline(spec: str, dtype=None, device: str = "cpu", config_dir: str | Path | None = None,
                   tokenizer: str | Path | None = None):
     """Load `spec` as a diffusers pipeline on `device` in `dtype` -> (pipe, family "sd15"|"sdxl"|"ssd1b").
@@ -131,9 +192,7 @@ def load_pipeline(spec: str, dtype=None, device: str = "cpu", config_dir: str | 
     """
     import json
 
-    quiet_libraries()
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    StableDiffusionPipeline, StableDiffusionXLPipeline = pipeline_classes()
     from lcmtool.models.single_file import load_single_file
 
     ref = resolve_model(spec)
@@ -144,7 +203,7 @@ def load_pipeline(spec: str, dtype=None, device: str = "cpu", config_dir: str | 
             cls = StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
             if cls is StableDiffusionPipeline:
                 kw.update(safety_checker=None, requires_safety_checker=False)
-            pipe = cls.from_pretrained(ref.location, local_files_only=True, **kw)
+            pipe = cls.from_pretrained(ref.location, local_files_only=True, **kw, **text_encoders(ref.location, dtype))
         elif ref.kind == "single-file":
             pipe = load_single_file(Path(ref.location), config_dir, tokenizer, kw)
         else:

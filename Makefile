@@ -17,7 +17,7 @@ $(BIN)/lcmtool: pyproject.toml
 install: $(BIN)/lcmtool
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check lcmtool tests

@@ -23,7 +23,7 @@ def load_teacher(spec: str):
     if ref.kind == "single-file":
         raise LcmError(f"{spec}: distill needs a diffusers folder or hub id (convert the single file first)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(ref.location, torch_dtype=torch.float32,
+        pipe = DiffusionPipeline.from_pretrained(ref.location, dtype=torch.float32,
                                                  **text_encoders(ref.location, torch.float32))
     except (OSError, ValueError, RuntimeError) as e:  # a missing or damaged part, or a pickle lcmtool won't run
         raise LcmError(f"cannot load the teacher {spec}: {str(e).strip().splitlines()[0][:200]} (lcmtool loads "

@@ -10,6 +10,9 @@ from lcmtool.options import BenchConfig
 def run_bench(cfg: BenchConfig, log: Callable = print) -> list[dict]:
     """The benches `cfg` names (the sample bench when it names none), in the order sample, merge, startup,
     distill."""
+    from lcmtool import startup
+
+    startup.settle()  # benches run long: the collector is on (their own start-up is not what they time)
     rows: list[dict] = []
     if cfg.sample or not (cfg.merge or cfg.distill or cfg.startup):
         from lcmtool.bench.sample import bench_sample

@@ -120,10 +120,12 @@ def load_images(paths: list[Path]) -> torch.Tensor:
 def evaluate(source: str | Path, classifier: str | Path | None = None, device: str = "cpu",
              refs_per_prompt: int | None = None) -> dict:
     """Score a folder / JSONL of generated images: metrics.score plus input and classifier facts."""
+    from lcmtool import startup
     from lcmtool.demo import metrics
     from lcmtool.demo.classifier import DEFAULT_PATH, load_classifier
     from lcmtool.models.load import resolve_device
 
+    startup.settle()  # the imports are done: scoring many images runs with the collector on
     if refs_per_prompt is None:
         refs_per_prompt = metrics.REFS_PER_PROMPT
     if refs_per_prompt < 1:

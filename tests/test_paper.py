@@ -43,6 +43,7 @@ def test_tiny_run_writes_results_with_every_part_and_sane_numbers(tmp_path):
     assert str(Path.cwd()) not in refusal["message"] and "lcm-lora-demo-sd.safetensors" in refusal["message"]
     assert res["artefacts"]["origin"][res["artefacts"]["style"]["sd"]["outline"]] == "shipped"
     assert res["artefacts"]["origin"][res["artefacts"]["variant"]["sd"]] == "made by finetune --full"
+    assert not any(p.startswith("/") for p in res["artefacts"]["origin"])  # no machine paths in the record
     assert all(isinstance(res["claims"][k], bool) for k in ("lcd", "universality", "style"))
     assert all(Path(p).is_file() for p in res["figures"]) and len(res["figures"]) == 4  # fig2, 2 line plots, fig3
     md = (tmp_path / "results" / "results.md").read_text()

@@ -237,6 +237,17 @@ def _display_path(path: str) -> str:
         return p.name
 
 
+def _portable(arts: dict) -> dict:
+    """The artefacts record of results.json with every path shown by `_display_path` (no machine paths)."""
+    def path(x: str) -> str:  # a path, not one of the origin notes (which have spaces)
+        return _display_path(x) if "/" in x and " " not in x else x
+
+    def walk(x):
+        return {path(k): walk(v) for k, v in x.items()} if isinstance(x, dict) else path(x) if isinstance(x, str) else x
+
+    return walk(arts)
+
+
 def merged(style: str, lcm: str, out: Path, l1: float, l2: float, blocks: dict | None = None) -> str:
     """tau'_LCM = lambda1 tau' + lambda2 tau_LCM (eq. 3) written by the merge engine (concat: exact)."""
     from lcmtool.engines.merge import run_merge
@@ -386,7 +397,7 @@ def run_paper(cfg: PaperConfig, log=None) -> dict:
     res, benches = measure(cfg, arts, work, log)
     res.update(version=__version__, config=to_dict(cfg), command=" ".join(["lcmtool", *sys.argv[1:]])
                if Path(sys.argv[0]).name in ("lcmtool", "__main__.py") else "lcmtool paper (Python API)",
-               artefact_commands=commands, artefacts=arts,
+               artefact_commands=commands, artefacts=_portable(arts),
                seeds={"images": f"image i of every setting has seed {cfg.seed} + i (same seeds in every setting)",
                       "fd_references": "metrics.reference_scenes seed 0"},
                machine={"platform": platform.platform(), "python": platform.python_version(),

@@ -48,9 +48,9 @@ RECIPE = {
 }
 # the whole recipe: VAE -> both teachers -> style LoRAs and both LCM-LoRAs
 WAVES = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "style-xl", "lcm-sd", "lcm-xl"]]
-# The demo-xl style LoRAs are made at a CPU budget (`make paper`'s first run made them so, 2026-12-01, on the 2-core
-# CPU, ~5 min each; docs/results measures these), not configs/finetune's 800 x 256 (the demo-sd ones, made on an
-# H200): 2,048 scenes, 120 steps x 32, 10 warm-up steps.
+# The demo-xl style LoRAs are made at a CPU budget (an earlier `make paper` run made the shipped ones so on the
+# 2-core CPU, a few minutes each; docs/results measures these), not configs/finetune's 800 x 256 (the demo-sd
+# ones, made on an H200): 2,048 scenes, 120 steps x 32, 10 warm-up steps.
 STYLE_XL_SETS = ["num_samples=2048", "max_steps=120", "batch_size=32", "warmup_steps=10"]
 
 

@@ -8,11 +8,11 @@ live as long as the process, so those passes find nothing to free.
 So a command pauses the collector when its body starts (`pause`, after the options and config are checked).
 The first `settle()` moves everything made so far into the permanent generation (`gc.freeze()`, which later
 passes skip) and turns the collector back on. `settle()` runs right after the heavy imports of a model load
-(`models.load.load_pipeline`, `distill.teacher.load_teacher`, the bench's model builders), before any weights
-are read: objects a run later drops are never frozen. It also runs when a progress bar starts, at the start of
-`eval` and `bench`, and when the command ends, so long work runs with the collector on; `merge`, `inspect` and
-`convert` (seconds of tensor math, no model load unless `--model`) keep the pause to their end. Input errors
-found before the imports stay as fast as before.
+(`models.load.pipeline_classes`, which `load_pipeline` and `distill.teacher.load_teacher` call first), before
+any weights are read: objects a run later drops are never frozen. Every long loop (sampling, training) comes
+after such a load. It also runs at the start of `eval` and `bench` and when the command ends; `merge`,
+`inspect` and `convert` (seconds of tensor math, no model load unless `--model`) keep the pause to their end.
+Input errors found before the imports stay as fast as before.
 
 Only the console command does this (`cli.main` calls `enable()`). A library user's process, and pytest
 invoking the Typer app in-process, keep the interpreter's settings. `LCMTOOL_GC_PAUSE=0` turns it off, so that

@@ -40,11 +40,8 @@ def _student(family: str, mode: str, device: str, dtype, rank: int, cuda: bool, 
     import torch
     from diffusers import UNet2DConditionModel
 
-    from lcmtool import startup
     from lcmtool.distill.student import add_lora
     from lcmtool.lora.formats import LCM_TARGETS
-
-    startup.settle()  # the heavy imports are done (lcmtool.startup)
 
     config, lat, text_dim, pooled_dim = _unet_config(family, cuda)
     torch.manual_seed(0)

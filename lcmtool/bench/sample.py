@@ -36,11 +36,8 @@ def random_pipeline(family: str, device: str, dtype):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from lcmtool import startup
     from lcmtool.models.schedulers import scheduler_class
     from lcmtool.models.single_file import single_file_config_dir
-
-    startup.settle()  # the heavy imports are done (lcmtool.startup)
 
     with tempfile.TemporaryDirectory(prefix="lcmtool-random-") as tmp:
         d = single_file_config_dir(family, dst=Path(tmp))

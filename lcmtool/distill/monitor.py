@@ -45,9 +45,6 @@ def make_progress(total: int, completed: int, main: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from lcmtool import startup
-
-    startup.settle()  # long work never runs with the start-up pause on
     quiet = not sys.stderr.isatty() and os.environ.get("LCMTOOL_PROGRESS") != "1"
     progress = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} samples/s"),

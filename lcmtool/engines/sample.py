@@ -337,8 +337,5 @@ def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from lcmtool import startup
-
-    startup.settle()  # long work never runs with the start-up pause on
     return Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=Console(stderr=True), transient=True, disable=not (enabled and sys.stderr.isatty()))

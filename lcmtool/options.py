@@ -130,7 +130,8 @@ class DistillConfig:
     conv_rank: int = opt(0, min=0)  # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
     conv_alpha: float = opt(0.0, min=0)  # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
     init_lora: str = opt("", "Start from this LoRA file (its modules, ranks and alphas replace lora_rank, "
-                             "lora_alpha, conv_rank and target_modules).")
+                             "lora_alpha, conv_rank and target_modules; with lora_rank 0 the whole UNet starts "
+                             "from teacher + its delta).")
     extract_rank: int = opt(0, min=0, max=65536)  # lora_rank 0: the UNet's change also as an SVD LoRA of this rank
     # LCD (Algorithm 1)
     num_ddim_timesteps: int = opt(50, min=1, max=1000)  # N solver steps over 1000 training steps: interval k = 20

@@ -132,6 +132,29 @@ def test_init_lora_run_continues_from_the_file(teachers, cache, tmp_path):
     assert 0 < rel < 0.2  # moved a little from the file, not from zero
 
 
+def test_full_lcd_from_init_lora_starts_at_teacher_plus_delta(teachers, cache, tmp_path):
+    """lora_rank 0 with init_lora: the whole UNet starts at teacher + the file's delta while the frozen teacher stays
+    the plain UNet: after one step at a vanishing lr, unet/ equals the fused teacher and the full-rank extract (the
+    change against that teacher) equals the file's delta."""
+    from diffusers import UNet2DConditionModel
+
+    from lcmtool.lora.fuse import fuse_into_unet
+
+    s = distill(cfg_for(teachers, cache, tmp_path, lora_rank=0, init_lora=str(SHIPPED_SD), extract_rank=4096,
+                        max_steps=1, lr=1e-12, save_dtype="fp32"))
+    trained = UNet2DConditionModel.from_pretrained(s["unet"])
+    shipped = load_lora(SHIPPED_SD)
+    fused = UNet2DConditionModel.from_pretrained(str(teachers / "sd" / "unet"))
+    fuse_into_unet(fused, [(shipped, 1.0)])
+    got, want = dict(trained.named_parameters()), dict(fused.named_parameters())
+    assert set(got) == set(want)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+    extract = load_lora(s["lora"])
+    assert set(extract.modules) == set(shipped.modules)
+    for name, m in shipped.modules.items():
+        assert torch.allclose(extract.modules[name].delta().float(), m.delta().float(), atol=1e-5), name
+
+
 @pytest.mark.parametrize("kind", ["constant", "cosine"])
 def test_lr_schedules_start_above_zero_and_never_reach_it(kind):
     p = torch.nn.Parameter(torch.zeros(1))

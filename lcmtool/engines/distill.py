@@ -5,7 +5,8 @@ optimizer; shared with finetune: engines/training.py), `resume`, then per step `
 micro-batches of Algorithm 1), `log_step` and `after_step` (checkpoint, validation, the held-out hook of
 engines/distill_eval.py, stop requests), and `finish` (tau_LCM file or unet/, grid, curve, summary).
 The student is a LoRA on the frozen teacher UNet (lora_rank > 0, optionally started from `init_lora`) or the whole
-UNet against a frozen copy (lora_rank 0, full LCD); its LCD pass and export are lcmtool.distill.student,
+UNet against a frozen copy (lora_rank 0, full LCD; it starts from teacher + init_lora's delta when one is given);
+its LCD pass and export are lcmtool.distill.student,
 checkpoints and stop requests lcmtool.distill.checkpoint, validation images lcmtool.distill.validate.
 Runs on one device, or data-parallel with `accelerate launch -m lcmtool distill ...` / torchrun.
 """
@@ -77,8 +78,6 @@ def check_config(cfg: DistillConfig) -> Path:
         raise LcmError("max_steps, batch_size and grad_accum must be >= 1, lora_rank >= 0")
     if cfg.extract_rank and cfg.lora_rank:
         raise LcmError("extract_rank is for full LCD (lora_rank 0): a LoRA run writes its LoRA itself")
-    if cfg.init_lora and not cfg.lora_rank:
-        raise LcmError("init_lora starts a LoRA; full LCD (lora_rank 0) trains the UNet itself")
     if cfg.init_lora and not Path(cfg.init_lora).expanduser().is_file():
         raise LcmError(f"--init-lora {cfg.init_lora}: file not found")
     if cfg.eval_prompts:
@@ -88,7 +87,8 @@ def check_config(cfg: DistillConfig) -> Path:
 
 def add_student(run: Run) -> None:
     """The trained weights: a LoRA on the 14 LCM-LoRA module kinds of the teacher UNet (frozen in the compute
-    dtype), one read from init_lora, or the whole UNet (lora_rank 0) with a frozen teacher copy; AdamW, schedule."""
+    dtype), one read from init_lora, or the whole UNet (lora_rank 0, started from teacher + init_lora's delta when
+    given) with a frozen teacher copy; AdamW, schedule."""
     from lcmtool.distill import student
 
     cfg, unet = run.cfg, run.pipe.unet
@@ -96,6 +96,8 @@ def add_student(run: Run) -> None:
     unet.to(run.accelerator.device, run.weight_dtype)
     if not cfg.lora_rank:
         params, run.teacher = student.add_full(unet, run.weight_dtype)
+        if cfg.init_lora:  # full LCD from a LoRA: the student starts at teacher + its delta, the teacher stays
+            fuse_init_lora(run, unet)
     elif cfg.init_lora:
         params = add_init_lora(run, unet)
     else:
@@ -116,20 +118,33 @@ def add_student(run: Run) -> None:
     run.raw_unet = run.accelerator.unwrap_model(run.unet)
 
 
-def add_init_lora(run: Run, unet) -> list:
-    """The LoRA of cfg.init_lora (checked to fit the teacher) on `unet`, exactly: step 0 is base + its delta."""
-    from lcmtool.distill import student
+def read_init_lora(run: Run, unet):
+    """cfg.init_lora read and checked to fit the teacher `unet` (LcmError: one line naming the file)."""
     from lcmtool.engines.sample import check_fit
     from lcmtool.lora.io import load_lora
 
     lf = load_lora(run.cfg.init_lora, family=run.family)
     check_fit(unet, [(lf, 1.0)], run.cfg.model)
+    run.log(f"init_lora: {len(lf.modules)} modules from {run.cfg.init_lora}")
+    return lf
+
+
+def fuse_init_lora(run: Run, unet) -> None:
+    """Full LCD from a LoRA: its delta fused into the trainable `unet` (the frozen teacher copy is made first)."""
+    from lcmtool.lora.fuse import fuse_into_unet
+
+    fuse_into_unet(unet, [(read_init_lora(run, unet), 1.0)])
+
+
+def add_init_lora(run: Run, unet) -> list:
+    """The LoRA of cfg.init_lora (checked to fit the teacher) on `unet`, exactly: step 0 is base + its delta."""
+    from lcmtool.distill import student
+
+    lf = read_init_lora(run, unet)
     try:
-        params = student.add_lora_from(unet, lf)
+        return student.add_lora_from(unet, lf)
     except ValueError as e:
         raise LcmError(f"--init-lora {e}") from None
-    run.log(f"init_lora: {len(lf.modules)} modules from {run.cfg.init_lora}")
-    return params
 
 
 def setup(cfg: DistillConfig, out: Path, log) -> Run:

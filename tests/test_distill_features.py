@@ -296,3 +296,22 @@ def test_stage_2_config_continues_stage_1_and_made_the_shipped_lora(fam):
         assert made[key] == getattr(resolved, key), key
     # stage 1 = the LoRA shipped until 2026-12-01 (in git at 3297757), under its old name or extracted as stage1-xl
     assert made["init_lora"] == {"sd": "lcm-lora-demo-sd.safetensors", "xl": "stage1-xl.safetensors"}[fam]
+
+
+@pytest.mark.parametrize("fam", ["sd", "xl"])
+def test_ceiling_config_is_stage_2_with_the_whole_unet_trainable(fam):
+    """configs/distill/demo-<fam>-ceiling.yaml (docs/distill-recipe.md's full-UNet ceiling) is the stage-2 config
+    with the LoRA keys replaced by full LCD (lora_rank 0, an SVD extract) at a smaller lr, from the same stage 1."""
+    import yaml
+
+    from lcmtool.options import DistillConfig
+
+    root = Path(__file__).resolve().parents[1]
+    two = yaml.safe_load((root / f"configs/distill/demo-{fam}-refine.yaml").read_text())
+    ceiling = yaml.safe_load((root / f"configs/distill/demo-{fam}-ceiling.yaml").read_text())
+    lora_keys = {"name", "lora_rank", "lora_alpha", "conv_rank", "extract_rank", "lr"}
+    assert {k: v for k, v in two.items() if k not in lora_keys} == {k: v for k, v in ceiling.items()
+                                                                        if k not in lora_keys}
+    assert ceiling["lora_rank"] == 0 and ceiling["extract_rank"] == 32 and ceiling["lr"] < two["lr"]
+    assert ceiling["init_lora"] == two["init_lora"] and ceiling["name"] == f"demo-{fam}-ceiling"
+    DistillConfig(**ceiling)  # valid as written

@@ -126,6 +126,8 @@ class DistillConfig:
     lora_rank: int = opt(64, "LoRA rank; 0: the whole UNet trains (full LCD: writes unet/, a diffusers folder).",
                          min=0, max=65536)
     lora_alpha: float = opt(64.0, gt=0)
+    # the modules the LoRA trains, or in full LCD the ones extract_rank extracts (demo-sd adds conv_in, conv_out and
+    # time_embedding.linear_1/2: lcmtool.lora.formats.EMBED_TARGETS)
     target_modules: list[str] = opt(list(LCM_TARGETS), min_items=1)
     conv_rank: int = opt(0, min=0)  # 0: lora_rank; else the rank of the LoRA on 3x3 convs (smaller files)
     conv_alpha: float = opt(0.0, min=0)  # 0: conv_rank * lora_alpha / lora_rank (the same scale alpha / r)
@@ -133,6 +135,10 @@ class DistillConfig:
                              "lora_alpha, conv_rank and target_modules; with lora_rank 0 the whole UNet starts "
                              "from teacher + its delta).")
     extract_rank: int = opt(0, min=0, max=65536)  # lora_rank 0: the UNet's change also as an SVD LoRA of this rank
+    extract_conv_rank: int = opt(0, min=0, max=65536)  # 0: extract_rank; else the extract's rank on 3x3 convs
+    # > 0: each module of the extract gets the smallest rank (at most extract_rank / extract_conv_rank) that keeps this
+    # fraction of its change's Frobenius norm (kohya resize_lora's sv_fro): rank goes where the change needs it
+    extract_fro: float = opt(0.0, min=0, max=1)
     # LCD (Algorithm 1)
     num_ddim_timesteps: int = opt(50, min=1, max=1000)  # N solver steps over 1000 training steps: interval k = 20
     w_min: float = opt(5.0, min=0)  # guidance scale w ~ U[w_min, w_max]

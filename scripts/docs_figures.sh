@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# Regenerates the README's figures in docs/: the Figure-3-style compare grids for both demo teachers, and the
-# style-merge montage from the outputs of scripts/demo_report.sh (run that first). CPU, about a minute.
+# Regenerates the README's figures in docs/: `make demo`'s four images as one strip, the Figure-3-style compare grids
+# for both demo teachers, and the style-merge montage from the outputs of scripts/demo_report.sh (run that first).
+# CPU, about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 L=${LCMTOOL:-.venv/bin/lcmtool}
 PY=${PYTHON:-.venv/bin/python}
+# make demo's command (Makefile), its 4 images side by side with 8 px gaps
+rm -rf outputs/demo
+$L sample --steps 4 --prompt "a large red circle on the left" --num-images 4 --out outputs/demo > /dev/null
+$PY - <<'PY'
+from pathlib import Path
+from PIL import Image
+ims = [Image.open(p).convert("RGB").resize((128, 128)) for p in sorted(Path("outputs/demo").glob("*.png"))]
+strip = Image.new("RGB", (len(ims) * 136 - 8, 128), "white")
+for i, im in enumerate(ims):
+    strip.paste(im, (i * 136, 0))
+strip.save("docs/make-demo.png")
+print("docs/make-demo.png:", len(ims), "images")
+PY
 for m in sd xl; do
   $L compare --model demo:$m --prompts docs/compare-prompts.txt --num-images 1 \
     --out docs/compare-demo-$m.png > /dev/null

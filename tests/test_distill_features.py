@@ -80,6 +80,97 @@ def test_full_lcd_lowers_the_loss_saves_a_diffusers_unet_and_an_exact_extract(te
     assert changed == len(lf.modules) > 50
 
 
+@pytest.mark.parametrize("fam", ["sd", "xl"])
+def test_full_lcd_extract_of_the_embedding_layers_is_what_diffusers_loads(teachers, cache, tmp_path, fam):
+    """target_modules with EMBED_TARGETS (the demo-sd stage 2): the extract holds conv_in / conv_out / the timestep
+    (and SDXL added-conditioning) MLPs under the names kohya tools write, every key of it loads in diffusers'
+    load_lora_weights, and its fuse_lora gives the weights our fuse gives, which are the trained UNet's (full rank)."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from safetensors import safe_open
+
+    from lcmtool.lora.formats import EMBED_TARGETS, LCM_TARGETS
+    from lcmtool.lora.fuse import fuse_into_unet
+
+    cfg = cfg_for(teachers, cache, tmp_path, fam, lora_rank=0, extract_rank=4096, max_steps=2, num_samples=4,
+                  batch_size=4, lr=2e-4, save_dtype="fp32", target_modules=list(LCM_TARGETS + EMBED_TARGETS))
+    s = distill(cfg)
+    lf = load_lora(s["lora"])
+    embed = set(EMBED_TARGETS)
+    assert embed <= set(lf.modules)
+    with safe_open(s["lora"], "pt") as f:  # the tiny demo-xl is not SDXL's block layout, so diffusers names here
+        stems = {k.split(".")[0] for k in f.keys()}
+    assert {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
+            "lora_unet_time_embedding_linear_2"} <= stems, sorted(stems)[:8]
+    trained = UNet2DConditionModel.from_pretrained(s["unet"])
+    ours = UNet2DConditionModel.from_pretrained(str(teachers / fam / "unet"))
+    fuse_into_unet(ours, [(lf, 1.0)])
+    pipe = DiffusionPipeline.from_pretrained(str(teachers / fam))
+    pipe.load_lora_weights(s["lora"], adapter_name="lcm")
+    loaded = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "lcm" in m.lora_A}
+    assert loaded == set(lf.modules)  # every module of the file, and nothing else
+    pipe.fuse_lora(lora_scale=1.0)
+    theirs, ours_m = dict(pipe.unet.named_modules()), dict(ours.named_modules())
+    trained_m = dict(trained.named_modules())
+    for name in lf.modules:
+        w = getattr(theirs[name], "base_layer", theirs[name]).weight
+        assert (w - ours_m[name].weight).abs().max().item() < 1e-5, name
+        assert (ours_m[name].weight - trained_m[name].weight).abs().max().item() < 1e-5, name
+    for name in embed:  # the embedding layers did train, so the test sees their delta
+        assert lf.modules[name].delta().abs().max().item() > 1e-7, name
+
+
+def test_embedding_targets_have_the_sgm_names_kohya_writes_and_diffusers_maps():
+    """On the real SDXL layout EMBED_TARGETS are written with kohya's SGM names, read back, and diffusers' kohya
+    key converter maps both spellings (SGM and diffusers-named) to the same module path."""
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
+
+    from lcmtool.lora import formats
+    from lcmtool.lora.io import unet_preset
+
+    conf = unet_preset("sdxl")
+    sgm = {p: formats.from_canonical(p, "kohya-sgm", "sdxl", conf) for p in formats.EMBED_TARGETS}
+    assert sgm == {"conv_in": "lora_unet_input_blocks_0_0", "conv_out": "lora_unet_out_2",
+                   "time_embedding.linear_1": "lora_unet_time_embed_0",
+                   "time_embedding.linear_2": "lora_unet_time_embed_2"}
+    for p, stem in sgm.items():
+        flat = formats.from_canonical(p, "kohya", "sd15")
+        assert formats.to_canonical(stem, "kohya-sgm", conf) == formats.to_canonical(flat, "kohya") == p
+        assert _convert_unet_lora_key(stem) == _convert_unet_lora_key(flat) == p
+
+
+def test_extract_ranks_per_kind_and_by_frobenius_norm_kept():
+    """extract_lora's conv_rank caps 3x3 convs only; fro picks each module's smallest rank keeping that fraction of
+    the change's Frobenius norm (closed form on known singular values), never above the cap."""
+    g = torch.Generator().manual_seed(0)
+
+    def with_singular_values(out, inp, sv):
+        u, _ = torch.linalg.qr(torch.randn(out, len(sv), generator=g))
+        v, _ = torch.linalg.qr(torch.randn(inp, len(sv), generator=g))
+        return u @ torch.diag(torch.tensor(sv)) @ v.T
+
+    teacher = torch.nn.Module()
+    teacher.to_q, teacher.conv1, teacher.conv_shortcut = (torch.nn.Linear(16, 12), torch.nn.Conv2d(4, 10, 3),
+                                                         torch.nn.Conv2d(4, 10, 1))
+    trained = copy.deepcopy(teacher)
+    sv = [3.0, 2.0, 1.0, 0.5, 0.25, 0.1]
+    with torch.no_grad():
+        trained.to_q.weight += with_singular_values(12, 16, sv)
+        trained.conv1.weight += with_singular_values(10, 36, sv).reshape(10, 4, 3, 3)
+        trained.conv_shortcut.weight += with_singular_values(10, 4, sv[:4]).reshape(10, 4, 1, 1)
+    targets = ["to_q", "conv1", "conv_shortcut"]
+    mods, _ = student.extract_lora(trained, teacher, targets, 5, conv_rank=2)
+    assert {n: m.rank for n, m in mods.items()} == {"to_q": 5, "conv1": 2, "conv_shortcut": 4}  # 1x1: not a conv
+    # sqrt of the kept share of sum sigma^2 = 14.3225: k = 2 keeps sqrt(13 / 14.3225) = 0.953, k = 3 keeps 0.991
+    for fro, want in ((0.95, 2), (0.96, 3), (0.991, 4), (0.9999, 6)):
+        assert student.fro_rank(trained.to_q.weight - teacher.to_q.weight, fro) == want, fro
+    mods, err = student.extract_lora(trained, teacher, targets, 5, fro=0.96)
+    assert {n: m.rank for n, m in mods.items()} == {"to_q": 3, "conv1": 3, "conv_shortcut": 3}
+    assert err == pytest.approx(math.sqrt((0.25 + 0.0625 + 0.01) / 14.3225), rel=1e-4)  # to_q / conv1 at rank 3
+    mods, _ = student.extract_lora(trained, teacher, targets, 5, conv_rank=2, fro=0.991)
+    # conv_shortcut's sigma are 3, 2, 1, 0.5: rank 3 keeps sqrt(14 / 14.25) = 0.9912
+    assert {n: m.rank for n, m in mods.items()} == {"to_q": 4, "conv1": 2, "conv_shortcut": 3}
+
+
 def test_full_lcd_resume_is_bit_identical(teachers, cache, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     distill(cfg_for(teachers, cache, straight, lora_rank=0, max_steps=3, lr=1e-4))
@@ -92,8 +183,9 @@ def test_full_lcd_resume_is_bit_identical(teachers, cache, tmp_path, monkeypatch
 
 
 def test_init_lora_step_0_student_is_base_plus_delta(teachers):
-    """The shipped demo LCM-LoRA (kohya; rank 16 on linears, 8 on convs) loaded into peft layers: the student's
-    output equals the base UNet with the file's delta fused in, within 1e-5."""
+    """The shipped demo LCM-LoRA (kohya; an SVD extract with per-module ranks 4-32, conv_in / conv_out / time
+    embedding included) loaded into peft layers: the student's output equals the base UNet with the file's delta
+    fused in, within 1e-5."""
     from diffusers import UNet2DConditionModel
 
     from lcmtool.lora.fuse import fuse_into_unet
@@ -105,7 +197,7 @@ def test_init_lora_step_0_student_is_base_plus_delta(teachers):
     unet.requires_grad_(False)
     params = student.add_lora_from(unet, lf)
     assert len(params) == 2 * len(lf.modules)
-    assert {m.rank for m in lf.modules.values()} == {8, 16}  # mixed ranks: rank_pattern is exercised
+    assert len({m.rank for m in lf.modules.values()}) > 5  # mixed ranks: rank_pattern is exercised
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 8, 8, generator=g)
     cond = torch.randn(2, 24, unet.config.cross_attention_dim, generator=g)
@@ -138,10 +230,11 @@ def test_full_lcd_from_init_lora_starts_at_teacher_plus_delta(teachers, cache, t
     change against that teacher) equals the file's delta."""
     from diffusers import UNet2DConditionModel
 
+    from lcmtool.lora.formats import EMBED_TARGETS, LCM_TARGETS
     from lcmtool.lora.fuse import fuse_into_unet
 
     s = distill(cfg_for(teachers, cache, tmp_path, lora_rank=0, init_lora=str(SHIPPED_SD), extract_rank=4096,
-                        max_steps=1, lr=1e-12, save_dtype="fp32"))
+                        max_steps=1, lr=1e-12, save_dtype="fp32", target_modules=list(LCM_TARGETS + EMBED_TARGETS)))
     trained = UNet2DConditionModel.from_pretrained(s["unet"])
     shipped = load_lora(SHIPPED_SD)
     fused = UNet2DConditionModel.from_pretrained(str(teachers / "sd" / "unet"))
@@ -275,8 +368,10 @@ def test_conv_patterns_name_only_targeted_convs_so_peft_warns_of_nothing():
 
 @pytest.mark.parametrize("fam", ["sd", "xl"])
 def test_stage_2_config_continues_stage_1_and_made_the_shipped_lora(fam):
-    """configs/distill/demo-<fam>-refine.yaml is stage 1's config but for the stage-2 keys, starts from stage 1's
-    output, and holds the training values recorded in the shipped LoRA's metadata (the file it made)."""
+    """configs/distill/demo-<fam>-refine.yaml is stage 1's config but for the stage-2 keys and starts from stage 1's
+    output; the stage 2 tools/demo_models.py runs (demo-sd: the full-UNet ceiling config) holds the training values
+    recorded in the shipped LoRA's metadata (the file it made)."""
+    import demo_models  # tools/demo_models.py (pytest pythonpath: tools)
     import yaml
 
     root = Path(__file__).resolve().parents[1]
@@ -290,28 +385,36 @@ def test_stage_2_config_continues_stage_1_and_made_the_shipped_lora(fam):
     made = json.loads(load_lora(root / f"lcmtool/demo/assets/lcm-lora-demo-{fam}.safetensors").metadata["config"])
     from lcmtool.options import DistillConfig
 
-    resolved = DistillConfig(**two)  # keys the YAML leaves out take their defaults (seed)
+    assert demo_models.STAGE2[fam] == {"sd": "demo-sd-ceiling", "xl": "demo-xl-refine"}[fam]
+    shipped = yaml.safe_load((root / f"configs/distill/{demo_models.STAGE2[fam]}.yaml").read_text())
+    resolved = DistillConfig(**shipped)  # keys the YAML leaves out take their defaults (seed)
     for key in ("w_min", "w_max", "lr", "max_steps", "warmup_steps", "batch_size", "num_ddim_timesteps", "loss",
-                "huber_c", "ema_decay", "lr_schedule", "seed", "model", "num_samples", "uncond"):
-        assert made[key] == getattr(resolved, key), key
-    # stage 1 = the LoRA shipped until 2026-12-01 (in git at 3297757), under its old name or extracted as stage1-xl
-    assert made["init_lora"] == {"sd": "lcm-lora-demo-sd.safetensors", "xl": "stage1-xl.safetensors"}[fam]
+                "huber_c", "ema_decay", "lr_schedule", "seed", "model", "num_samples", "uncond", "lora_rank",
+                "extract_rank", "extract_conv_rank", "extract_fro", "target_modules"):
+        # the XL file predates extract_conv_rank / extract_fro, which were 0 (off) then
+        assert made.get(key, 0 if key in ("extract_conv_rank", "extract_fro") else None) == getattr(resolved, key), key
+    # stage 1 = the LoRA shipped until 2026-12-01 (in git at 3297757 for sd), kept as stage1-<fam>.safetensors
+    assert made["init_lora"] == f"stage1-{fam}.safetensors"
 
 
 @pytest.mark.parametrize("fam", ["sd", "xl"])
 def test_ceiling_config_is_stage_2_with_the_whole_unet_trainable(fam):
     """configs/distill/demo-<fam>-ceiling.yaml (docs/distill-recipe.md's full-UNet ceiling) is the stage-2 config
-    with the LoRA keys replaced by full LCD (lora_rank 0, an SVD extract) at a smaller lr, from the same stage 1."""
+    with the LoRA keys replaced by full LCD (lora_rank 0, an SVD extract) at a smaller lr, from the same stage 1;
+    demo-sd's (the shipped stage 2) extracts the embedding layers too."""
     import yaml
 
+    from lcmtool.lora.formats import EMBED_TARGETS, LCM_TARGETS
     from lcmtool.options import DistillConfig
 
     root = Path(__file__).resolve().parents[1]
     two = yaml.safe_load((root / f"configs/distill/demo-{fam}-refine.yaml").read_text())
     ceiling = yaml.safe_load((root / f"configs/distill/demo-{fam}-ceiling.yaml").read_text())
-    lora_keys = {"name", "lora_rank", "lora_alpha", "conv_rank", "extract_rank", "lr"}
+    lora_keys = {"name", "lora_rank", "lora_alpha", "conv_rank", "extract_rank", "extract_fro", "lr", "target_modules"}
     assert {k: v for k, v in two.items() if k not in lora_keys} == {k: v for k, v in ceiling.items()
                                                                         if k not in lora_keys}
     assert ceiling["lora_rank"] == 0 and ceiling["extract_rank"] == 32 and ceiling["lr"] < two["lr"]
     assert ceiling["init_lora"] == two["init_lora"] and ceiling["name"] == f"demo-{fam}-ceiling"
-    DistillConfig(**ceiling)  # valid as written
+    targets = DistillConfig(**ceiling).target_modules  # valid as written
+    assert targets == list(LCM_TARGETS + EMBED_TARGETS if fam == "sd" else LCM_TARGETS)
+    assert ceiling.get("extract_fro", 0) == {"sd": 0.9996, "xl": 0}[fam]  # sd: ranks <= 32 by norm kept

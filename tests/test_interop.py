@@ -307,7 +307,8 @@ def test_shipped_files_carry_no_local_paths_and_true_ranks():
             md = f.metadata()
         text = json.dumps(md)
         assert "/tmp/" not in text and "runs/" not in text and "/work/" not in text
-        assert md["ss_network_dim"] == "Dynamic" and json.loads(md["lcmtool.ranks"])["max"] == 16
+        # the largest rank: 16 in the XL LoRA, 32 in the SD extract (conv_in and the time embedding)
+        assert md["ss_network_dim"] == "Dynamic" and json.loads(md["lcmtool.ranks"])["max"] == {"sd": 32, "xl": 16}[fam]
         assert md["sshs_model_hash"] == addnet_hash(LCM[fam])
         vae = json.loads((FOLDERS[fam] / "vae" / "config.json").read_text())
         assert "_name_or_path" not in vae

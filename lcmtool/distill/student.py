@@ -83,10 +83,20 @@ def targeted(name: str, target_modules: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def extract_lora(student, teacher, target_modules: list[str], rank: int) -> tuple[dict[str, LoraModule], float]:
+def fro_rank(delta: torch.Tensor, fro: float) -> int:
+    """The smallest rank whose truncated SVD keeps `fro` of the Frobenius norm of `delta` ([out, ...] flattened to
+    [out, in]): kohya resize_lora's sv_fro rule, sqrt(sum of the first k sigma^2 / sum of all) >= fro."""
+    s2 = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1).double()) ** 2
+    kept = torch.cumsum(s2, 0) / s2.sum()
+    return min(int(torch.searchsorted(kept, torch.tensor(fro * fro, dtype=kept.dtype)).item()) + 1, len(s2))
+
+
+def extract_lora(student, teacher, target_modules: list[str], rank: int, conv_rank: int = 0,
+                 fro: float = 0.0) -> tuple[dict[str, LoraModule], float]:
     """The change student - teacher of every targeted Linear / Conv2d weight as its best rank-`rank` LoRA
-    (lcmtool.lora.math.svd of the delta, written as one term B = I, A = delta); -> (modules, worst relative
-    Frobenius error). Norms and biases that changed are not in a LoRA."""
+    (`conv_rank` for convs with a kernel larger than 1x1 when given; with `fro` > 0 each module's rank is fro_rank,
+    at most that; lcmtool.lora.math.svd of the delta, written as one term B = I, A = delta); -> (modules, worst
+    relative Frobenius error). Norms and biases that changed are not in a LoRA."""
     from lcmtool.lora.math import svd
 
     base = dict(teacher.named_modules())
@@ -98,7 +108,10 @@ def extract_lora(student, teacher, target_modules: list[str], rank: int) -> tupl
         if not delta.any():
             continue
         eye = torch.eye(delta.shape[0]).reshape(delta.shape[0], delta.shape[0], *([1] * (delta.ndim - 2)))
-        m, err = svd(name, [(LoraModule(A=delta, B=eye, alpha=float(delta.shape[0])), 1.0)], rank)
+        r = conv_rank if conv_rank and delta.ndim == 4 and delta.shape[-2:] != (1, 1) else rank
+        if fro:
+            r = min(r, fro_rank(delta, fro))
+        m, err = svd(name, [(LoraModule(A=delta, B=eye, alpha=float(delta.shape[0])), 1.0)], r)
         out[name], worst = m, max(worst, err)
     return out, worst
 

@@ -76,8 +76,10 @@ def check_config(cfg: DistillConfig) -> Path:
         raise LcmError(f"need 0 <= w_min <= w_max, got w_min={cfg.w_min} w_max={cfg.w_max}")
     if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lora_rank < 0:
         raise LcmError("max_steps, batch_size and grad_accum must be >= 1, lora_rank >= 0")
-    if cfg.extract_rank and cfg.lora_rank:
+    if (cfg.extract_rank or cfg.extract_conv_rank) and cfg.lora_rank:
         raise LcmError("extract_rank is for full LCD (lora_rank 0): a LoRA run writes its LoRA itself")
+    if (cfg.extract_conv_rank or cfg.extract_fro) and not cfg.extract_rank:
+        raise LcmError("extract_conv_rank and extract_fro need extract_rank (the extract's largest rank)")
     if cfg.init_lora and not Path(cfg.init_lora).expanduser().is_file():
         raise LcmError(f"--init-lora {cfg.init_lora}: file not found")
     if cfg.eval_prompts:
@@ -328,7 +330,8 @@ def save_lora(run: Run, state: TrainState, name: str = "lcm-lora-best.safetensor
     if not cfg.lora_rank:
         if not cfg.extract_rank:
             return None
-        modules, err = student.extract_lora(run.raw_unet, run.teacher, cfg.target_modules, cfg.extract_rank)
+        modules, err = student.extract_lora(run.raw_unet, run.teacher, cfg.target_modules, cfg.extract_rank,
+                                            cfg.extract_conv_rank, cfg.extract_fro)
         meta.update(rank=str(cfg.extract_rank), alpha=str(cfg.extract_rank), extract_rel_error=f"{err:.4g}")
     student.save_tau_lcm(run.raw_unet, run.out / name, cfg.format, run.family, torch_dtype(cfg.save_dtype), meta,
                          modules)

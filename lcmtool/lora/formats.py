@@ -21,6 +21,12 @@ from lcmtool.models import ldm_names as sgm
 # The 14 module kinds the released LCM-LoRAs (SD-1.5, SDXL, SSD-1B) train.
 LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+# The UNet's Linear / Conv2d layers outside those kinds that every loader maps: input and output convs and the
+# timestep-embedding MLP (diffusers' kohya loader reads conv_in / input_blocks_0_0, time_embedding_linear_1 /
+# time_embed_0, ...). SDXL's added-conditioning MLP is left out: diffusers mangles its diffusers-named kohya key
+# (lora_unet_add_embedding_linear_1 -> add.embedding.linear). The demo-sd LCM-LoRA, an SVD extract of full LCD,
+# covers these (configs/distill/demo-sd-ceiling.yaml).
+EMBED_TARGETS = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
 FORMATS = ("kohya", "kohya-sgm", "diffusers", "diffusers-old", "peft")
 WRITE_FORMATS = ("kohya", "kohya-sgm", "kohya-diffusers", "diffusers", "peft")

@@ -267,6 +267,8 @@ def _distill() -> list[Case]:
         ("gradient_checkpointing", "2", "expected true or false"), ("validation_seed", "1e99", "integer"),
         ("cache_dir", "{file}", "is a file"), ("conv_alpha", "-1", ">= 0"), ("name", "[a, b]", "expected a string"),
         ("extract_rank", "-1", ">= 0"), ("extract_rank", "4", "extract_rank is for full LCD"),
+        ("extract_conv_rank", "-1", ">= 0"), ("extract_conv_rank", "4", "extract_rank is for full LCD"),
+        ("extract_fro", "1.5", "<= 1"), ("extract_fro", "-0.1", ">= 0"),
         ("lr_schedule", "linear", "not one of"), ("eval_every", "-1", ">= 0"), ("eval_images", "1", ">= 2"),
         ("init_lora", "{missing}", "file not found"), ("eval_prompts", "{missing}", "cannot read it"),
     ]:
@@ -274,6 +276,9 @@ def _distill() -> list[Case]:
                       slow=key in ("num_ddim_timesteps", "resolution", "target_modules", "validation_prompts",
                                    "device") and val not in ("0",)))
     c += [
+        Case("distill", "--set extract_conv_rank", "4 (full LCD, no extract_rank)",
+             D + ["--model", "{teacher}", "--set", "lora_rank=0", "--set", "extract_conv_rank=4"],
+             "extract_conv_rank and extract_fro need extract_rank"),
         Case("distill", "--model", "(missing)", D + ["--model", "{missing}"], "not found"),
         Case("distill", "--model", "(a single file)", D + ["--model", "{sd_lora}"], "diffusers folder"),
         Case("distill", "--model", "(pickled .bin teacher)", D + ["--model", "{pickled_teacher}"], "pickle",

@@ -77,7 +77,8 @@ def check_config(cfg: DistillConfig) -> Path:
     if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lora_rank < 0:
         raise LcmError("max_steps, batch_size and grad_accum must be >= 1, lora_rank >= 0")
     if (cfg.extract_rank or cfg.extract_conv_rank) and cfg.lora_rank:
-        raise LcmError("extract_rank is for full LCD (lora_rank 0): a LoRA run writes its LoRA itself")
+        raise LcmError("extract_rank and extract_conv_rank are for full LCD (lora_rank 0): a LoRA run writes its "
+                       "LoRA itself")
     if (cfg.extract_conv_rank or cfg.extract_fro) and not cfg.extract_rank:
         raise LcmError("extract_conv_rank and extract_fro need extract_rank (the extract's largest rank)")
     if cfg.init_lora and not Path(cfg.init_lora).expanduser().is_file():

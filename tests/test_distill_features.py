@@ -83,8 +83,8 @@ def test_full_lcd_lowers_the_loss_saves_a_diffusers_unet_and_an_exact_extract(te
 @pytest.mark.parametrize("fam", ["sd", "xl"])
 def test_full_lcd_extract_of_the_embedding_layers_is_what_diffusers_loads(teachers, cache, tmp_path, fam):
     """target_modules with EMBED_TARGETS (the demo-sd stage 2): the extract holds conv_in / conv_out / the timestep
-    (and SDXL added-conditioning) MLPs under the names kohya tools write, every key of it loads in diffusers'
-    load_lora_weights, and its fuse_lora gives the weights our fuse gives, which are the trained UNet's (full rank)."""
+    MLP under the names kohya tools write, every key of it loads in diffusers' load_lora_weights, and its fuse_lora
+    gives the weights our fuse gives, which are the trained UNet's (full rank)."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from safetensors import safe_open
 

@@ -76,9 +76,9 @@ def check_config(cfg: DistillConfig) -> Path:
         raise LcmError(f"need 0 <= w_min <= w_max, got w_min={cfg.w_min} w_max={cfg.w_max}")
     if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lora_rank < 0:
         raise LcmError("max_steps, batch_size and grad_accum must be >= 1, lora_rank >= 0")
-    if (cfg.extract_rank or cfg.extract_conv_rank) and cfg.lora_rank:
-        raise LcmError("extract_rank and extract_conv_rank are for full LCD (lora_rank 0): a LoRA run writes its "
-                       "LoRA itself")
+    if (cfg.extract_rank or cfg.extract_conv_rank or cfg.extract_fro) and cfg.lora_rank:
+        raise LcmError("extract_rank, extract_conv_rank and extract_fro are for full LCD (lora_rank 0): a LoRA run "
+                       "writes its LoRA itself")
     if (cfg.extract_conv_rank or cfg.extract_fro) and not cfg.extract_rank:
         raise LcmError("extract_conv_rank and extract_fro need extract_rank (the extract's largest rank)")
     if cfg.init_lora and not Path(cfg.init_lora).expanduser().is_file():

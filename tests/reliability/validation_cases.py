@@ -266,9 +266,11 @@ def _distill() -> list[Case]:
         ("device", "cuda:9", "cuda"), ("center_crop", "maybe", "expected true or false"),
         ("gradient_checkpointing", "2", "expected true or false"), ("validation_seed", "1e99", "integer"),
         ("cache_dir", "{file}", "is a file"), ("conv_alpha", "-1", ">= 0"), ("name", "[a, b]", "expected a string"),
-        ("extract_rank", "-1", ">= 0"), ("extract_rank", "4", "extract_rank and extract_conv_rank are for full LCD"),
+        ("extract_rank", "-1", ">= 0"),
+        ("extract_rank", "4", "extract_rank, extract_conv_rank and extract_fro are for full LCD"),
         ("extract_conv_rank", "-1", ">= 0"), ("extract_conv_rank", "4", "are for full LCD (lora_rank 0)"),
         ("extract_fro", "1.5", "<= 1"), ("extract_fro", "-0.1", ">= 0"),
+        ("extract_fro", "0.99", "are for full LCD (lora_rank 0)"),
         ("lr_schedule", "linear", "not one of"), ("eval_every", "-1", ">= 0"), ("eval_images", "1", ">= 2"),
         ("init_lora", "{missing}", "file not found"), ("eval_prompts", "{missing}", "cannot read it"),
     ]:

@@ -139,6 +139,12 @@ class DistillConfig:
     # > 0: each module of the extract gets the smallest rank (at most extract_rank / extract_conv_rank) that keeps this
     # fraction of its change's Frobenius norm (kohya resize_lora's sv_fro): rank goes where the change needs it
     extract_fro: float = opt(0.0, min=0, max=1)
+    # > 0: the extract's factors take at most this many MB (1e6 bytes at save_dtype); ranks (at most extract_rank /
+    # extract_conv_rank) go where sigma^2 per stored value is largest, over all modules (instead of extract_fro)
+    extract_budget_mb: float = opt(0.0, min=0)
+    # > 0: an activation-aware extract: so many training captions sampled by the trained UNet (LCM 2 / 4 / 8 steps)
+    # weigh each module's SVD by its inputs' second moment, so the truncation keeps what changes the layer's output
+    extract_calibrate: int = opt(0, min=0, max=100000)
     # LCD (Algorithm 1)
     num_ddim_timesteps: int = opt(50, min=1, max=1000)  # N solver steps over 1000 training steps: interval k = 20
     w_min: float = opt(5.0, min=0)  # guidance scale w ~ U[w_min, w_max]

@@ -91,29 +91,168 @@ def fro_rank(delta: torch.Tensor, fro: float) -> int:
     return min(int(torch.searchsorted(kept, torch.tensor(fro * fro, dtype=kept.dtype)).item()) + 1, len(s2))
 
 
+# Calibrated extract (extract_calibrate): each module's input second moment plus this fraction of its mean diagonal
+# times I, so that a direction the calibration never excites still counts a little (GPTQ's damping of the Hessian)
+CALIBRATION_DAMP = 0.01
+CALIBRATION_STEPS = (2, 4, 8)  # the LCM step counts the calibration samples at
+# Inputs (a conv's: in channels x kh x kw) of at most this many features get their full second moment [d, d] (64 MB in
+# fp32 at 4096); wider ones only its diagonal (each feature's mean square), which keeps SD-1.5's widest convs cheap
+CALIBRATION_FULL_MAX = 4096
+
+
+def extracted(unet, target_modules: list[str]):
+    """(path, module) of every Linear / Conv2d of `unet` that `target_modules` picks (what extract_lora covers)."""
+    for name, mod in unet.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and targeted(name, target_modules):
+            yield name, mod
+
+
+def conv_input_power(x: torch.Tensor, conv: torch.nn.Conv2d) -> tuple[torch.Tensor, int]:
+    """Sum over the batch and output positions of x^2 per (in channel, ky, kx): the diagonal of the second moment
+    of `conv`'s unfolded input patches (F.unfold's order, the flattened weight's) without unfolding; -> (sum, n)."""
+    import torch.nn.functional as F
+
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ph, pw = conv.padding if isinstance(conv.padding, tuple) else (conv.padding, conv.padding)
+    x2 = F.pad(x.float().pow(2), (pw, pw, ph, ph))
+    ho = (x2.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (x2.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    out = x2.new_zeros(x.shape[1], kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            win = x2[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+            out[:, i, j] = win.sum((0, 2, 3))
+    return out.reshape(-1), x.shape[0] * ho * wo
+
+
+def input_rows(x: torch.Tensor, mod) -> torch.Tensor:
+    """`mod`'s input as rows of its flattened weight's input features: tokens of a Linear, a conv's unfolded patches."""
+    import torch.nn.functional as F
+
+    if isinstance(mod, torch.nn.Conv2d):
+        cols = F.unfold(x.float(), mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.float().reshape(-1, x.shape[-1])
+
+
+def input_moments(unet, target_modules: list[str], run) -> dict[str, torch.Tensor]:
+    """The second moment E[x x^T] of the inputs of every module extract_lora covers while `run()` drives `unet`
+    (forward hooks; over every token of a Linear, every input patch of a conv, in the flattened weight's feature
+    order): [d, d] for d <= CALIBRATION_FULL_MAX features, else its diagonal [d]. fp32, CPU."""
+    sums, counts, hooks = {}, {}, []
+
+    def hook(name):
+        def record(mod, args, _out):
+            x = args[0].detach()
+            d = mod.weight[0].numel()
+            if d <= CALIBRATION_FULL_MAX:  # a conv's patches one image at a time (an SDXL batch would be GBs)
+                s, n = 0, 0
+                for xi in (x.split(1) if isinstance(mod, torch.nn.Conv2d) else (x,)):
+                    rows = input_rows(xi, mod)
+                    s, n = s + rows.T @ rows, n + rows.shape[0]
+            elif isinstance(mod, torch.nn.Conv2d):
+                s, n = conv_input_power(x, mod)
+            else:
+                s, n = x.float().pow(2).reshape(-1, d).sum(0), x[..., 0].numel()
+            sums[name] = sums[name] + s if name in sums else s
+            counts[name] = counts.get(name, 0) + n
+        return record
+
+    for name, mod in extracted(unet, target_modules):
+        hooks.append(mod.register_forward_hook(hook(name)))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (sums[n].double() / counts[n]).float().cpu() for n in sums}
+
+
+def whitening(moment: torch.Tensor) -> torch.Tensor:
+    """The factor S of the damped second moment M + CALIBRATION_DAMP * mean(diag M) * I = S S^T: lower-triangular
+    (Cholesky) for a full [d, d] moment, the square roots [d] for a diagonal one. ||delta S||_F^2 is then the
+    layer's mean squared output change E||delta x||^2 (plus the damping term)."""
+    m = moment.double()
+    if m.ndim == 1:
+        return (m + CALIBRATION_DAMP * m.mean()).sqrt()
+    return torch.linalg.cholesky(m + CALIBRATION_DAMP * m.diagonal().mean() * torch.eye(len(m), dtype=m.dtype))
+
+
+def whiten(delta: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """delta [out, d] @ S (S from `whitening`)."""
+    return (delta.double() * s if s.ndim == 1 else delta.double() @ s).float()
+
+
+def unwhiten(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """a [r, d] @ S^-1: the down factor of the unweighted change."""
+    if s.ndim == 1:
+        return (a.double() / s).float()
+    return torch.linalg.solve_triangular(s, a.double(), upper=False, left=False).float()
+
+
+def budget_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], caps: dict[str, int],
+                 budget: int) -> dict[str, int]:
+    """Ranks for a size budget, allocated globally: every module keeps its first singular direction, then the others
+    are taken by sigma^2 per stored value (cost: out + in values per rank), largest first, while they fit `budget`
+    values, at most `caps[module]` per module; -> {module: rank}. ValueError when rank 1 everywhere does not fit."""
+    ranks = {n: 1 for n in spectra}
+    used = sum(costs[n] for n in spectra)
+    if used > budget:
+        raise ValueError(f"rank 1 on every module needs {used} values, over the budget of {budget}")
+    gains = [(float(s[i]) ** 2 / costs[n], n) for n, s in spectra.items() for i in range(1, min(caps[n], len(s)))]
+    for _, n in sorted(gains, key=lambda g: -g[0]):
+        if used + costs[n] <= budget:  # a module's later directions cost the same, so they stay in order
+            ranks[n] += 1
+            used += costs[n]
+    return ranks
+
+
 def extract_lora(student, teacher, target_modules: list[str], rank: int, conv_rank: int = 0,
-                 fro: float = 0.0) -> tuple[dict[str, LoraModule], float]:
-    """The change student - teacher of every targeted Linear / Conv2d weight as its best rank-`rank` LoRA
-    (`conv_rank` for convs with a kernel larger than 1x1 when given; with `fro` > 0 each module's rank is fro_rank,
-    at most that; lcmtool.lora.math.svd of the delta, written as one term B = I, A = delta); -> (modules, worst
-    relative Frobenius error). Norms and biases that changed are not in a LoRA."""
+                 fro: float = 0.0, moments: dict[str, torch.Tensor] | None = None,
+                 budget: int = 0) -> tuple[dict[str, LoraModule], float]:
+    """The change student - teacher of every targeted Linear / Conv2d weight as a low-rank LoRA; -> (modules, worst
+    relative Frobenius error, in the calibrated norm when `moments` are given). Norms and biases are not in a LoRA.
+
+    Rank: `rank` (`conv_rank` for convs with a kernel larger than 1x1 when given); with `fro` > 0 each module's
+    fro_rank, at most that; with `budget` > 0 (values stored, both factors) budget_ranks over every module, at most
+    that. With `moments` (input_moments of the student, a calibration), the SVD is of delta @ S (`whitening`), so the
+    truncation keeps what changes the layer's output on the calibration inputs (activation-aware SVD), and the down
+    factor is multiplied by S^-1. lcmtool.lora.math.svd of the (whitened) delta, written as one term B = I,
+    A = delta."""
     from lcmtool.lora.math import svd
 
     base = dict(teacher.named_modules())
-    out, worst = {}, 0.0
-    for name, mod in student.named_modules():
-        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or not targeted(name, target_modules):
-            continue
+    deltas, whites, caps = {}, {}, {}
+    for name, mod in extracted(student, target_modules):
         delta = mod.weight.detach().float().cpu() - base[name].weight.detach().float().cpu()
         if not delta.any():
             continue
+        caps[name] = conv_rank if conv_rank and delta.ndim == 4 and delta.shape[-2:] != (1, 1) else rank
+        moment = (moments or {}).get(name)
+        if moment is not None and float(moment.diagonal().mean() if moment.ndim == 2 else moment.mean()) > 0:
+            # (a module the calibration never ran, or fed only zeros, keeps the plain SVD)
+            whites[name] = whitening(moment)
+            delta = whiten(delta.reshape(delta.shape[0], -1), whites[name]).reshape(delta.shape)
+        deltas[name] = delta
+    if budget:
+        spectra = {n: torch.linalg.svdvals(d.reshape(d.shape[0], -1).double()) for n, d in deltas.items()}
+        costs = {n: d.shape[0] + d[0].numel() for n, d in deltas.items()}
+        caps = budget_ranks(spectra, costs, caps, budget)
+    out, worst = {}, 0.0
+    for name, delta in deltas.items():
+        r = min(caps[name], fro_rank(delta, fro)) if fro else caps[name]
         eye = torch.eye(delta.shape[0]).reshape(delta.shape[0], delta.shape[0], *([1] * (delta.ndim - 2)))
-        r = conv_rank if conv_rank and delta.ndim == 4 and delta.shape[-2:] != (1, 1) else rank
-        if fro:
-            r = min(r, fro_rank(delta, fro))
         m, err = svd(name, [(LoraModule(A=delta, B=eye, alpha=float(delta.shape[0])), 1.0)], r)
+        if name in whites:
+            a = unwhiten(m.A.reshape(m.A.shape[0], -1), whites[name]).reshape(m.A.shape)
+            m = LoraModule(A=a.contiguous(), B=m.B, alpha=m.alpha)
         out[name], worst = m, max(worst, err)
     return out, worst
+
+
+def extract_values(unet, target_modules: list[str]) -> int:
+    """Values a rank-1 extract of every module extract_lora covers stores (out + in per module)."""
+    return sum(m.weight.shape[0] + m.weight[0].numel() for _, m in extracted(unet, target_modules))
 
 
 def save_unet(unet, folder: Path, dtype) -> None:

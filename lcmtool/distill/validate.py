@@ -26,8 +26,9 @@ def lcm_pipeline(pipe, unet, timestep_scaling: float = 10.0):
 
 
 def lcm_images(vpipe, prompts: list[str], steps: int, seed: int, autocast=contextlib.nullcontext,
-               batch_size: int = 16) -> list:
-    """PIL images of `prompts` at LCM `steps` steps, guidance 1; image i has seed `seed + i` (as `sample`)."""
+               batch_size: int = 16, output_type: str = "pil") -> list:
+    """PIL images of `prompts` at LCM `steps` steps, guidance 1; image i has seed `seed + i` (as `sample`);
+    output_type "latent": the final latents (no VAE decode)."""
     import torch
 
     vpipe.scheduler = type(vpipe.scheduler).from_config(
@@ -42,7 +43,7 @@ def lcm_images(vpipe, prompts: list[str], steps: int, seed: int, autocast=contex
             gens = [torch.Generator("cpu").manual_seed(seed + b + i) for i in range(len(batch))]
             with torch.no_grad(), autocast():
                 images += vpipe(batch, num_inference_steps=steps, guidance_scale=1.0, generator=gens,
-                                output_type="pil").images
+                                output_type=output_type).images
     finally:
         unet.train(was_training)
     return images

@@ -76,11 +76,15 @@ def check_config(cfg: DistillConfig) -> Path:
         raise LcmError(f"need 0 <= w_min <= w_max, got w_min={cfg.w_min} w_max={cfg.w_max}")
     if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lora_rank < 0:
         raise LcmError("max_steps, batch_size and grad_accum must be >= 1, lora_rank >= 0")
-    if (cfg.extract_rank or cfg.extract_conv_rank or cfg.extract_fro) and cfg.lora_rank:
-        raise LcmError("extract_rank, extract_conv_rank and extract_fro are for full LCD (lora_rank 0): a LoRA run "
-                       "writes its LoRA itself")
-    if (cfg.extract_conv_rank or cfg.extract_fro) and not cfg.extract_rank:
-        raise LcmError("extract_conv_rank and extract_fro need extract_rank (the extract's largest rank)")
+    extract = cfg.extract_conv_rank or cfg.extract_fro or cfg.extract_budget_mb or cfg.extract_calibrate
+    if (cfg.extract_rank or extract) and cfg.lora_rank:
+        raise LcmError("extract_rank, extract_conv_rank, extract_fro, extract_budget_mb and extract_calibrate are for "
+                       "full LCD (lora_rank 0): a LoRA run writes its LoRA itself")
+    if extract and not cfg.extract_rank:
+        raise LcmError("extract_conv_rank, extract_fro, extract_budget_mb and extract_calibrate need extract_rank "
+                       "(the extract's largest rank)")
+    if cfg.extract_fro and cfg.extract_budget_mb:
+        raise LcmError("extract_fro and extract_budget_mb both set the extract's ranks: give one of them")
     if cfg.init_lora and not Path(cfg.init_lora).expanduser().is_file():
         raise LcmError(f"--init-lora {cfg.init_lora}: file not found")
     if cfg.eval_prompts:
@@ -99,6 +103,7 @@ def add_student(run: Run) -> None:
     unet.to(run.accelerator.device, run.weight_dtype)
     if not cfg.lora_rank:
         params, run.teacher = student.add_full(unet, run.weight_dtype)
+        check_budget(run, unet)
         if cfg.init_lora:  # full LCD from a LoRA: the student starts at teacher + its delta, the teacher stays
             fuse_init_lora(run, unet)
     elif cfg.init_lora:
@@ -331,12 +336,61 @@ def save_lora(run: Run, state: TrainState, name: str = "lcm-lora-best.safetensor
     if not cfg.lora_rank:
         if not cfg.extract_rank:
             return None
+        moments = calibration_moments(run) if cfg.extract_calibrate else None
         modules, err = student.extract_lora(run.raw_unet, run.teacher, cfg.target_modules, cfg.extract_rank,
-                                            cfg.extract_conv_rank, cfg.extract_fro)
+                                            cfg.extract_conv_rank, cfg.extract_fro, moments,
+                                            budget_values(cfg))
         meta.update(rank=str(cfg.extract_rank), alpha=str(cfg.extract_rank), extract_rel_error=f"{err:.4g}")
     student.save_tau_lcm(run.raw_unet, run.out / name, cfg.format, run.family, torch_dtype(cfg.save_dtype), meta,
                          modules)
     return run.out / name
+
+
+def value_bytes(cfg: DistillConfig) -> int:
+    import torch
+
+    from lcmtool.models.load import torch_dtype
+
+    return torch.empty(0, dtype=torch_dtype(cfg.save_dtype)).element_size()
+
+
+def budget_values(cfg: DistillConfig) -> int:
+    """extract_budget_mb as a count of stored values at save_dtype (0: no budget)."""
+    return int(cfg.extract_budget_mb * 1e6) // value_bytes(cfg)
+
+
+def check_budget(run: Run, unet) -> None:
+    """Full LCD with extract_budget_mb: it must hold rank 1 on every extracted module (checked before training)."""
+    from lcmtool.distill import student
+
+    need = student.extract_values(unet, run.cfg.target_modules)
+    if run.cfg.extract_budget_mb and need > budget_values(run.cfg):
+        raise LcmError(f"extract_budget_mb {run.cfg.extract_budget_mb:g} is below the "
+                       f"{need * value_bytes(run.cfg) / 1e6:.3g} MB that rank 1 on every extracted module takes")
+
+
+def calibration_moments(run: Run) -> dict:
+    """extract_calibrate's statistics: `extract_calibrate` training captions (a seeded draw) sampled by the trained
+    UNet at LCM 2 / 4 / 8 steps, guidance 1 (as `lcmtool sample`), and the second moment of every extracted
+    module's inputs over those passes (student.input_moments)."""
+    import random
+
+    from lcmtool.distill import student
+    from lcmtool.distill.teacher import encoders_on
+    from lcmtool.distill.validate import lcm_images, lcm_pipeline
+
+    cfg, device = run.cfg, run.accelerator.device
+    captions = list(run.dataset.meta["captions"])
+    prompts = random.Random(cfg.seed).sample(captions, min(cfg.extract_calibrate, len(captions)))
+    run.log(f"calibrating the extract on {len(prompts)} training captions x LCM {student.CALIBRATION_STEPS} steps")
+    with encoders_on(run.pipe, device):
+        vpipe = lcm_pipeline(run.pipe, run.raw_unet, cfg.timestep_scaling)
+
+        def sample():
+            for steps in student.CALIBRATION_STEPS:
+                lcm_images(vpipe, prompts, steps, cfg.seed, run.accelerator.autocast, output_type="latent")
+
+        return student.input_moments(run.raw_unet, cfg.target_modules, sample)
 
 
 def finish(run: Run, state: TrainState, elapsed: float) -> dict:

@@ -7,6 +7,7 @@ belongs to exactly one rank whatever the others have finished. Records travel to
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,16 @@ class Shard:
             self.state.wait_for_everyone()
 
 
+def _destroy_group() -> None:
+    """At exit: the process group torn down while the interpreter still runs. Left to interpreter teardown, gloo's
+    threads now and then abort the process ("terminate called without an active exception", exit -6) after every
+    image was written. A second registration finds no group and does nothing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
@@ -59,5 +70,6 @@ def shard_for(device: str) -> Shard:
 
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
+    atexit.register(_destroy_group)
     dev = None if cpu else str(state.device)
     return Shard(state.process_index, state.num_processes, dev, state)

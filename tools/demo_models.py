@@ -49,9 +49,10 @@ RECIPE = {
                     n_scenes=120_000, seed=2, budget_s=170),
 }
 # the whole recipe: VAE -> both teachers -> style LoRAs and both LCM-LoRAs
-# Stage 2 of each demo LCM-LoRA (issue 13, docs/distill-recipe.md, fifth session): demo-sd's full-UNet run and its
-# SVD extract (the 14 LCM-LoRA kinds plus conv_in / conv_out / the time embedding) beat its LoRA stage 2 on the
-# report seeds and on 480 pool images (4-step FD-demo 33.1 vs 37.8, 27.6 vs 31.0); demo-xl's did not.
+# Stage 2 of each demo LCM-LoRA (issue 13, docs/distill-recipe.md, fifth and sixth sessions): demo-sd's full-UNet
+# run and its calibrated SVD extract (the 14 LCM-LoRA kinds plus conv_in / conv_out / the time embedding) beat its
+# LoRA stage 2 on the report seeds and on 480 pool images (4-step FD-demo 32.9 vs 37.8, 26.3 vs 31.0); demo-xl's
+# did not.
 STAGE2 = {"sd": "demo-sd-ceiling", "xl": "demo-xl-refine"}
 WAVES = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "style-xl", "lcm-sd", "lcm-xl"]]
 # The demo-xl style LoRAs are made at a CPU budget (an earlier `make paper` run made the shipped ones so on the

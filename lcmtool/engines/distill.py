@@ -347,11 +347,10 @@ def save_lora(run: Run, state: TrainState, name: str = "lcm-lora-best.safetensor
 
 
 def value_bytes(cfg: DistillConfig) -> int:
-    import torch
-
+    """Bytes per stored value of the LoRA file (save_dtype)."""
     from lcmtool.models.load import torch_dtype
 
-    return torch.empty(0, dtype=torch_dtype(cfg.save_dtype)).element_size()
+    return torch_dtype(cfg.save_dtype).itemsize
 
 
 def budget_values(cfg: DistillConfig) -> int:

@@ -122,6 +122,11 @@ class DistillConfig:
     center_crop: bool = opt(True)       # else a random crop (seeded); SDXL crop coordinates go into time ids
     cache_dir: str = opt("")            # latent/text cache root ("" -> $LCMTOOL_CACHE or ~/.cache/lcmtool)
     uncond: Literal["auto", "empty", "zeros"] = opt("auto")  # auto: empty prompt for SD-1.5, zeros for SDXL
+    # > 0: LCD starts from noised *teacher samples* (DPM-Solver++ teacher_steps steps at this CFG scale, one per cached
+    # record's caption) instead of the encoded training images: the points the guided ODE and the LCM sampler visit
+    teacher_data: float = opt(0.0, min=0, max=100)
+    teacher_steps: int = opt(25, min=1, max=1000)  # DPM-Solver++(2M) steps of each teacher sample
+    teacher_samples: int = opt(0, min=0)  # teacher samples made (the cache's first records); 0: one per record
     # LoRA (LCM-LoRA: rank 64, alpha 64 on 14 module kinds)
     lora_rank: int = opt(64, "LoRA rank; 0: the whole UNet trains (full LCD: writes unet/, a diffusers folder).",
                          min=0, max=65536)

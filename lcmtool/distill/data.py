@@ -373,3 +373,83 @@ class LatentCache:
         if "pooled_embeds" in self.text:
             out["pooled_embeds"] = self.text["pooled_embeds"][cap]
         return out
+
+
+# ---------------------------------------------------------------------------------------------- teacher samples
+
+def teacher_cache_root(root: Path, guidance: float, steps: int, count: int) -> Path:
+    """The folder of the teacher-sample cache made from the latent cache at `root`."""
+    return Path(root).with_name(f"{Path(root).name}-teacher-cfg{guidance:g}-dpmpp{steps}-n{count}")
+
+
+@torch.no_grad()
+def build_teacher_cache(unet, scheduler_config: dict, src: Path, root: Path, guidance: float, steps: int,
+                        count: int, seed: int, device, dtype, chunk: int = 256, progress=None) -> Path:
+    """A latent cache whose latents are the teacher's own samples instead of the encoded training images.
+
+    Record i of the cache at `src` (its caption, SDXL time ids) is replaced by DPM-Solver++(2M) `steps` steps of
+    the teacher `unet` at CFG scale `guidance` from noise of a generator seeded by (seed, chunk), against the
+    cache's own unconditional embedding, as the LCD teacher is guided; the first `count` records (0: all). So
+    LCD's starting points z_{n+k} are noised samples of the guided teacher: the points its guided PF-ODE (and the
+    LCM sampler's re-noised steps) pass through, where noised training images are the unguided model's.
+    Written to a temp folder and renamed into place; `progress(done, total)` after each chunk."""
+    from safetensors.torch import load_file, save_file
+
+    from lcmtool.models.schedulers import make_scheduler
+
+    root, src = Path(root), Path(src)
+    if (root / "meta.json").is_file():
+        return root
+    meta = json.loads((src / "meta.json").read_text())
+    shards = [load_file(str(src / f"latents-{i:05d}.safetensors")) for i in range(meta["shards"])]
+    shape = shards[0]["latents"].shape[1:]
+    caption_idx = torch.cat([s["caption_idx"] for s in shards])
+    geometry = torch.cat([s["geometry"] for s in shards])
+    total = len(caption_idx) if count <= 0 else min(count, len(caption_idx))
+    text = load_file(str(src / "text.safetensors"))
+    xl = "pooled_embeds" in text
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sched = make_scheduler("dpmpp", scheduler_config)
+    uncond = text["uncond_embeds"].to(device, dtype)
+    out = []
+    for start in range(0, total, chunk):
+        idx = caption_idx[start:min(start + chunk, total)]
+        n = len(idx)
+        cond = text["prompt_embeds"][idx].to(device, dtype)
+        ctx = torch.cat([uncond.expand_as(cond), cond])
+        added = None
+        if xl:
+            pooled = text["pooled_embeds"][idx].to(device, dtype)
+            ids = geometry[start:start + n].to(device, dtype)
+            added = {"text_embeds": torch.cat([text["uncond_pooled"].to(device, dtype).expand_as(pooled), pooled]),
+                     "time_ids": torch.cat([ids, ids])}
+        g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        sched.set_timesteps(steps, device=device)
+        z = (torch.randn((n, *shape), generator=g) * sched.init_noise_sigma).to(device, torch.float32)
+        for t in sched.timesteps:
+            x = sched.scale_model_input(torch.cat([z, z]), t).to(dtype)
+            eps = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added, return_dict=False)[0].float()
+            eps_u, eps_c = eps.chunk(2)
+            z = sched.step(eps_u + guidance * (eps_c - eps_u), t, z, return_dict=False)[0]
+        out.append(z.to("cpu", torch.float16))
+        if progress:
+            progress(start + n, total)
+    latents = torch.cat(out)
+    starts = range(0, total, SHARD_SIZE)
+    for shard, a in enumerate(starts):
+        save_file({"latents": latents[a:a + SHARD_SIZE].contiguous(),
+                   "caption_idx": caption_idx[a:min(a + SHARD_SIZE, total)].contiguous(),
+                   "geometry": geometry[a:min(a + SHARD_SIZE, total)].contiguous()},
+                  str(tmp / f"latents-{shard:05d}.safetensors"))
+    shutil.copy2(src / "text.safetensors", tmp / "text.safetensors")
+    meta.update(count=total, shards=len(starts),
+                teacher_samples={"guidance": guidance, "steps": steps, "solver": "dpmpp", "seed": seed,
+                                 "source_cache": src.name})
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    if root.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, root)
+    return root

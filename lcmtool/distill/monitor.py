@@ -53,6 +53,17 @@ def make_progress(total: int, completed: int, main: bool):
     return progress, progress.add_task("distill", total=total, completed=completed, loss="-", sps="-")
 
 
+def count_progress(label: str, total: int, main: bool):
+    """rich's bar for a count of items (e.g. teacher samples), shown as make_progress's; -> (progress, task)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    quiet = not sys.stderr.isatty() and os.environ.get("LCMTOOL_PROGRESS") != "1"
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=Console(stderr=True, highlight=False), disable=not main or quiet)
+    return progress, progress.add_task(label, total=total)
+
+
 def loss_curve_png(points: list[tuple[int, float]], path: Path, title: str = "LCD loss",
                    evals: list[tuple[int, float]] | None = None, eval_name: str = "held-out score") -> None:
     """The logged loss against the step (log-scale y): raw and a running mean, drawn by lcmtool.outputs.plot;

@@ -85,6 +85,11 @@ def check_config(cfg: DistillConfig) -> Path:
                        "(the extract's largest rank)")
     if cfg.extract_fro and cfg.extract_budget_mb:
         raise LcmError("extract_fro and extract_budget_mb both set the extract's ranks: give one of them")
+    if 0 < cfg.teacher_data < 1:
+        raise LcmError(f"teacher_data is the teacher samples' CFG scale (1: the conditional teacher alone; 1 + w "
+                       f"matches the distilled guidance), got {cfg.teacher_data:g}")
+    if cfg.teacher_samples and not cfg.teacher_data:
+        raise LcmError("teacher_samples needs teacher_data (the CFG scale the teacher samples are drawn at)")
     if cfg.init_lora and not Path(cfg.init_lora).expanduser().is_file():
         raise LcmError(f"--init-lora {cfg.init_lora}: file not found")
     if cfg.eval_prompts:

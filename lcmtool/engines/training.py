@@ -97,6 +97,8 @@ def latent_data(cfg, run: Opened, weight_dtype, log) -> tuple[Any, Path, tuple]:
         D.prepare_cache(pipe, run.family, run.source, root, resolution, cfg.center_crop, cfg.seed, uncond,
                         acc.device, log)
     acc.wait_for_everyone()
+    if getattr(cfg, "teacher_data", 0):
+        root = teacher_data(cfg, run, root, weight_dtype, log)
     in_memory = D.fits_in_memory(run.source, pipe, resolution)
     dataset = D.LatentCache(root, cfg.seed, device=acc.device if in_memory else "cpu")
     if dataset.meta["skipped"] and acc.is_main_process:
@@ -105,6 +107,34 @@ def latent_data(cfg, run: Opened, weight_dtype, log) -> tuple[Any, Path, tuple]:
     embeds = (text["uncond_embeds"].to(acc.device, weight_dtype),
               text["uncond_pooled"].to(acc.device, weight_dtype) if is_xl else None)
     return dataset, root, embeds
+
+
+def teacher_data(cfg, run: Opened, root: Path, weight_dtype, log) -> Path:
+    """distill's `teacher_data`: a cache of the teacher's own samples for the records of the latent cache at `root`
+    (built once by the main process, which shows a progress bar; the others wait) -> its folder."""
+    from lcmtool.distill import data as D
+    from lcmtool.distill.monitor import count_progress
+
+    acc, unet = run.accelerator, run.pipe.unet
+    out = D.teacher_cache_root(root, cfg.teacher_data, cfg.teacher_steps, cfg.teacher_samples)
+    if acc.is_main_process and not (out / "meta.json").is_file():
+        t0 = time.time()
+        total = json.loads((root / "meta.json").read_text())["count"]
+        total = min(total, cfg.teacher_samples) if cfg.teacher_samples else total
+        progress, task = count_progress("teacher samples", total, True)
+        device, dtype = unet.device, unet.dtype
+        unet.to(acc.device, weight_dtype)
+        try:
+            with progress, acc.autocast():
+                D.build_teacher_cache(unet, dict(run.pipe.scheduler.config), root, out, cfg.teacher_data,
+                                      cfg.teacher_steps, cfg.teacher_samples, cfg.seed, acc.device, weight_dtype,
+                                      progress=lambda done, n: progress.update(task, completed=done))
+        finally:
+            unet.to(device, dtype)
+        log(f"teacher data: {total} DPM-Solver++ {cfg.teacher_steps}-step samples at CFG {cfg.teacher_data:g} in "
+            f"{time.time() - t0:.1f}s -> {out}")
+    acc.wait_for_everyone()
+    return out
 
 
 def log_step(run, state, meter, progress, task, label: str) -> None:

@@ -275,6 +275,9 @@ def _distill() -> list[Case]:
         ("extract_budget_mb", "-1", ">= 0"), ("extract_budget_mb", "2.5", "are for full LCD (lora_rank 0)"),
         ("extract_calibrate", "-1", ">= 0"), ("extract_calibrate", "1.5", "integer"),
         ("extract_calibrate", "64", "are for full LCD (lora_rank 0)"),
+        ("teacher_data", "-1", ">= 0"), ("teacher_data", "0.5", "teacher samples' CFG scale"),
+        ("teacher_data", "1000", "<= 100"), ("teacher_steps", "0", ">= 1"), ("teacher_samples", "-1", ">= 0"),
+        ("teacher_samples", "64", "needs teacher_data"),
         ("lr_schedule", "linear", "not one of"), ("eval_every", "-1", ">= 0"), ("eval_images", "1", ">= 2"),
         ("init_lora", "{missing}", "file not found"), ("eval_prompts", "{missing}", "cannot read it"),
     ]:

@@ -392,25 +392,19 @@ def build_teacher_cache(unet, scheduler_config: dict, src: Path, root: Path, gui
     cache's own unconditional embedding, as the LCD teacher is guided; the first `count` records (0: all). So
     LCD's starting points z_{n+k} are noised samples of the guided teacher: the points its guided PF-ODE (and the
     LCM sampler's re-noised steps) pass through, where noised training images are the unguided model's.
-    Written to a temp folder and renamed into place; `progress(done, total)` after each chunk."""
-    from safetensors.torch import load_file, save_file
+    Published whole by fileio.atomic_dir (a failure leaves nothing); `progress(done, total)` after each chunk."""
+    from safetensors.torch import save_file
 
+    from lcmtool.fileio import atomic_dir
     from lcmtool.models.schedulers import make_scheduler
 
     root, src = Path(root), Path(src)
     if (root / "meta.json").is_file():
         return root
-    meta = json.loads((src / "meta.json").read_text())
-    shards = [load_file(str(src / f"latents-{i:05d}.safetensors")) for i in range(meta["shards"])]
-    shape = shards[0]["latents"].shape[1:]
-    caption_idx = torch.cat([s["caption_idx"] for s in shards])
-    geometry = torch.cat([s["geometry"] for s in shards])
-    total = len(caption_idx) if count <= 0 else min(count, len(caption_idx))
-    text = load_file(str(src / "text.safetensors"))
+    real = LatentCache(src, seed)
+    caption_idx, geometry, text = real.caption_idx, real.geometry, real.text
+    total = len(real) if count <= 0 else min(count, len(real))
     xl = "pooled_embeds" in text
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     sched = make_scheduler("dpmpp", scheduler_config)
     uncond = text["uncond_embeds"].to(device, dtype)
     out = []
@@ -427,7 +421,7 @@ def build_teacher_cache(unet, scheduler_config: dict, src: Path, root: Path, gui
                      "time_ids": torch.cat([ids, ids])}
         g = torch.Generator().manual_seed(seed * 1_000_003 + start)
         sched.set_timesteps(steps, device=device)
-        z = (torch.randn((n, *shape), generator=g) * sched.init_noise_sigma).to(device, torch.float32)
+        z = (torch.randn((n, *real.latents.shape[1:]), generator=g) * sched.init_noise_sigma).to(device, torch.float32)
         for t in sched.timesteps:
             x = sched.scale_model_input(torch.cat([z, z]), t).to(dtype)
             eps = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added, return_dict=False)[0].float()
@@ -438,18 +432,15 @@ def build_teacher_cache(unet, scheduler_config: dict, src: Path, root: Path, gui
             progress(start + n, total)
     latents = torch.cat(out)
     starts = range(0, total, SHARD_SIZE)
-    for shard, a in enumerate(starts):
-        save_file({"latents": latents[a:a + SHARD_SIZE].contiguous(),
-                   "caption_idx": caption_idx[a:min(a + SHARD_SIZE, total)].contiguous(),
-                   "geometry": geometry[a:min(a + SHARD_SIZE, total)].contiguous()},
-                  str(tmp / f"latents-{shard:05d}.safetensors"))
-    shutil.copy2(src / "text.safetensors", tmp / "text.safetensors")
-    meta.update(count=total, shards=len(starts),
+    meta = dict(real.meta, count=total, shards=len(starts),
                 teacher_samples={"guidance": guidance, "steps": steps, "solver": "dpmpp", "seed": seed,
                                  "source_cache": src.name})
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    if root.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, root)
+    with atomic_dir(root) as tmp:
+        for shard, a in enumerate(starts):
+            save_file({"latents": latents[a:a + SHARD_SIZE].contiguous(),
+                       "caption_idx": caption_idx[a:min(a + SHARD_SIZE, total)].contiguous(),
+                       "geometry": geometry[a:min(a + SHARD_SIZE, total)].contiguous()},
+                      str(tmp / f"latents-{shard:05d}.safetensors"))
+        shutil.copy2(src / "text.safetensors", tmp / "text.safetensors")
+        (tmp / "meta.json").write_text(json.dumps(meta))
     return root

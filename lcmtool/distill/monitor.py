@@ -40,28 +40,33 @@ class Meter:
         return out
 
 
-def make_progress(total: int, completed: int, main: bool):
-    """rich's bar on stderr (main process, a terminal or LCMTOOL_PROGRESS=1); -> (progress, task)."""
+def _bar(columns: list, main: bool):
+    """rich's Progress of `columns` on stderr: shown on the main process when stderr is a terminal or
+    LCMTOOL_PROGRESS=1."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress
 
     quiet = not sys.stderr.isatty() and os.environ.get("LCMTOOL_PROGRESS") != "1"
-    progress = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} samples/s"),
-                        TimeRemainingColumn(), console=Console(stderr=True, highlight=False),
-                        disable=not main or quiet)
+    return Progress(*columns, console=Console(stderr=True, highlight=False), disable=not main or quiet)
+
+
+def make_progress(total: int, completed: int, main: bool):
+    """The training bar (step, loss, samples/s); -> (progress, task)."""
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+
+    progress = _bar([TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} samples/s"),
+                     TimeRemainingColumn()], main)
     return progress, progress.add_task("distill", total=total, completed=completed, loss="-", sps="-")
 
 
-def count_progress(label: str, total: int, main: bool):
-    """rich's bar for a count of items (e.g. teacher samples), shown as make_progress's; -> (progress, task)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def count_progress(label: str, main: bool):
+    """A bar for a count of items (e.g. teacher samples; the total is set by the first update); -> (progress,
+    task)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    quiet = not sys.stderr.isatty() and os.environ.get("LCMTOOL_PROGRESS") != "1"
-    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=Console(stderr=True, highlight=False), disable=not main or quiet)
-    return progress, progress.add_task(label, total=total)
+    progress = _bar([TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()], main)
+    return progress, progress.add_task(label, total=None)
 
 
 def loss_curve_png(points: list[tuple[int, float]], path: Path, title: str = "LCD loss",

@@ -119,19 +119,18 @@ def teacher_data(cfg, run: Opened, root: Path, weight_dtype, log) -> Path:
     out = D.teacher_cache_root(root, cfg.teacher_data, cfg.teacher_steps, cfg.teacher_samples)
     if acc.is_main_process and not (out / "meta.json").is_file():
         t0 = time.time()
-        total = json.loads((root / "meta.json").read_text())["count"]
-        total = min(total, cfg.teacher_samples) if cfg.teacher_samples else total
-        progress, task = count_progress("teacher samples", total, True)
+        progress, task = count_progress("teacher samples", True)
         device, dtype = unet.device, unet.dtype
         unet.to(acc.device, weight_dtype)
         try:
             with progress, acc.autocast():
                 D.build_teacher_cache(unet, dict(run.pipe.scheduler.config), root, out, cfg.teacher_data,
                                       cfg.teacher_steps, cfg.teacher_samples, cfg.seed, acc.device, weight_dtype,
-                                      progress=lambda done, n: progress.update(task, completed=done))
+                                      progress=lambda done, n: progress.update(task, completed=done, total=n))
         finally:
             unet.to(device, dtype)
-        log(f"teacher data: {total} DPM-Solver++ {cfg.teacher_steps}-step samples at CFG {cfg.teacher_data:g} in "
+        made = json.loads((out / "meta.json").read_text())["count"]
+        log(f"teacher data: {made} DPM-Solver++ {cfg.teacher_steps}-step samples at CFG {cfg.teacher_data:g} in "
             f"{time.time() - t0:.1f}s -> {out}")
     acc.wait_for_everyone()
     return out

@@ -369,36 +369,47 @@ def test_conv_patterns_name_only_targeted_convs_so_peft_warns_of_nothing():
 
 
 @pytest.mark.parametrize("fam", ["sd", "xl"])
-def test_stage_2_config_continues_stage_1_and_made_the_shipped_lora(fam):
+def test_later_stage_configs_continue_stage_1_and_made_the_shipped_lora(fam):
     """configs/distill/demo-<fam>-refine.yaml is stage 1's config but for the stage-2 keys and starts from stage 1's
-    output; the stage 2 tools/demo_models.py runs (demo-sd: the full-UNet ceiling config) holds the training values
-    recorded in the shipped LoRA's metadata (the file it made)."""
+    output; demo-xl-teacher.yaml (a recorded stage 3, not shipped) is demo-xl-refine.yaml but for the stage-3 keys
+    (w = 2 on teacher samples at CFG 3, batch 512) and starts from stage 2's output; the last stage
+    tools/demo_models.py runs (demo-sd: the full-UNet ceiling config) holds the training values recorded in the
+    shipped LoRA's metadata (the file it made)."""
     import demo_models  # tools/demo_models.py (pytest pythonpath: tools)
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    one = yaml.safe_load((root / f"configs/distill/demo-{fam}.yaml").read_text())
-    two = yaml.safe_load((root / f"configs/distill/demo-{fam}-refine.yaml").read_text())
+    cfg = lambda name: yaml.safe_load((root / f"configs/distill/{name}.yaml").read_text())  # noqa: E731
+    one, two = cfg(f"demo-{fam}"), cfg(f"demo-{fam}-refine")
     stage2 = {"name", "w_min", "w_max", "lr", "max_steps", "warmup_steps", "checkpoint_every", "validate_every",
               "eval_every", "init_lora"}
     assert {k: v for k, v in one.items() if k not in stage2} == {k: v for k, v in two.items() if k not in stage2}
     assert two["init_lora"] == f"runs/{one['name']}/lcm-lora.safetensors" and "init_lora" not in one
     assert two["w_min"] == two["w_max"] == {"sd": 2.0, "xl": 0.5}[fam] and two["lr"] < one["lr"]  # fixed, low w
+    assert demo_models.LATER_STAGES[fam] == {"sd": ["demo-sd-ceiling"], "xl": ["demo-xl-refine"]}[fam]
+    if fam == "xl":
+        three = cfg("demo-xl-teacher")
+        stage3 = stage2 | {"grad_accum", "log_every", "teacher_data", "teacher_steps", "teacher_samples"}
+        assert {k: v for k, v in two.items() if k not in stage3} == {k: v for k, v in three.items()
+                                                                     if k not in stage3}
+        assert three["init_lora"] == f"runs/{two['name']}/lcm-lora.safetensors"
+        assert three["w_min"] == three["w_max"] == three["teacher_data"] - 1 == 2.0  # the samples' CFG is 1 + w
+        assert three["batch_size"] * three["grad_accum"] * three["max_steps"] == two["batch_size"] * two["max_steps"]
     made = json.loads(load_lora(root / f"lcmtool/demo/assets/lcm-lora-demo-{fam}.safetensors").metadata["config"])
     from lcmtool.options import DistillConfig
 
-    assert demo_models.STAGE2[fam] == {"sd": "demo-sd-ceiling", "xl": "demo-xl-refine"}[fam]
-    shipped = yaml.safe_load((root / f"configs/distill/{demo_models.STAGE2[fam]}.yaml").read_text())
-    resolved = DistillConfig(**shipped)  # keys the YAML leaves out take their defaults (seed)
-    for key in ("w_min", "w_max", "lr", "max_steps", "warmup_steps", "batch_size", "num_ddim_timesteps", "loss",
-                "huber_c", "ema_decay", "lr_schedule", "seed", "model", "num_samples", "uncond", "lora_rank",
+    last = demo_models.LATER_STAGES[fam][-1]
+    resolved = DistillConfig(**cfg(last))  # keys the YAML leaves out take their defaults (seed)
+    for key in ("w_min", "w_max", "lr", "max_steps", "warmup_steps", "batch_size", "grad_accum", "num_ddim_timesteps",
+                "loss", "huber_c", "ema_decay", "lr_schedule", "seed", "model", "num_samples", "uncond", "lora_rank",
                 "extract_rank", "extract_conv_rank", "extract_fro", "extract_budget_mb", "extract_calibrate",
-                "target_modules"):
-        # the XL file predates the extract_* keys after extract_rank, which were 0 (off) then
-        later = ("extract_conv_rank", "extract_fro", "extract_budget_mb", "extract_calibrate")
-        assert made.get(key, 0 if key in later else None) == getattr(resolved, key), key
-    # stage 1 = the LoRA shipped until 2026-12-01 (in git at 3297757 for sd), kept as stage1-<fam>.safetensors
-    assert made["init_lora"] == f"stage1-{fam}.safetensors"
+                "teacher_data", "teacher_steps", "teacher_samples", "target_modules"):
+        # a file made before a key existed ran at its default (the XL stage-2 file predates the extract_* keys
+        # after extract_rank, the SD file the teacher_* keys)
+        assert made.get(key, getattr(DistillConfig(), key)) == getattr(resolved, key), key
+    # stage 1 = the LoRA shipped until 2026-12-01 (in git at 3297757 for sd), kept as stage1-<fam>.safetensors; the
+    # stage after it started from the file the stage before made, kept as stage<k>-<fam>.safetensors
+    assert made["init_lora"] == f"stage{len(demo_models.LATER_STAGES[fam])}-{fam}.safetensors"
 
 
 @pytest.mark.parametrize("fam", ["sd", "xl"])

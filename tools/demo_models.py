@@ -7,10 +7,10 @@ seeded; steps, batch sizes and the GPU time budgets live in RECIPE below, the st
 Loss curves are saved as PNG beside the weights. On one H200 the three waves take ~100 s, ~180 s and ~270 s (the
 shipped run, README); on our 2-core CPU the VAE and teachers are far too slow (see README).
 The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-<fam>.yaml` and then
-stage 2 from the first LoRA (STAGE2: demo-xl-refine.yaml, a LoRA at a fixed low w; for demo-sd
-demo-sd-ceiling.yaml, full LCD of the whole UNet whose change ships as an activation-calibrated SVD LoRA of
-ranks <= 32 in 2.45 MB) on the teachers written here (the `lcm` stage runs both; on the 2-core CPU the first takes
-28-41 minutes alone, the second ~15-27).
+the LATER_STAGES, each from the LoRA before it: for demo-sd demo-sd-ceiling.yaml, full LCD of the whole UNet whose
+change ships as an activation-calibrated SVD LoRA of ranks <= 32 in 2.45 MB; for demo-xl demo-xl-refine.yaml, a
+LoRA at a fixed low w. They run on the teachers written here (the `lcm` stage runs them all; on the 2-core CPU the
+first takes 28-41 minutes alone, each later one ~15-27).
 """
 from __future__ import annotations
 
@@ -49,11 +49,13 @@ RECIPE = {
                     n_scenes=120_000, seed=2, budget_s=170),
 }
 # the whole recipe: VAE -> both teachers -> style LoRAs and both LCM-LoRAs
-# Stage 2 of each demo LCM-LoRA (issue 13, docs/distill-recipe.md, fifth and sixth sessions): demo-sd's full-UNet
-# run and its calibrated SVD extract (the 14 LCM-LoRA kinds plus conv_in / conv_out / the time embedding) beat its
-# LoRA stage 2 on the report seeds and on 480 pool images (4-step FD-demo 32.9 vs 37.8, 26.3 vs 31.0); demo-xl's
-# did not.
-STAGE2 = {"sd": "demo-sd-ceiling", "xl": "demo-xl-refine"}
+# The stages after stage 1 of each demo LCM-LoRA, in order, each from the LoRA before it (issue 13,
+# docs/distill-recipe.md, fifth to eighth sessions): demo-sd's full-UNet run and its calibrated SVD extract (the 14
+# LCM-LoRA kinds plus conv_in / conv_out / the time embedding) beat its LoRA stage 2 on the report seeds and on 480
+# pool images (4-step FD-demo 32.9 vs 37.8, 26.3 vs 31.0); demo-xl's did not. A demo-xl stage 3 on teacher samples
+# (configs/distill/demo-xl-teacher.yaml) was level with stage 2 over four seed sets and worse at 2 steps, so it is
+# not in the chain.
+LATER_STAGES = {"sd": ["demo-sd-ceiling"], "xl": ["demo-xl-refine"]}
 WAVES = [["vae"], ["teacher-sd", "teacher-xl"], ["style-sd", "style-xl", "lcm-sd", "lcm-xl"]]
 # The demo-xl style LoRAs are made at a CPU budget (an earlier `make paper` run made the shipped ones so on the
 # 2-core CPU, a few minutes each; docs/results measures these), not configs/finetune's 800 x 256 (the demo-sd
@@ -357,20 +359,23 @@ def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
         # the shipped teacher is named by its spec (demo:sd), so the LoRA's metadata holds no local path
         shipped = out.resolve() == ASSETS.resolve()
         teacher = f"demo:{fam}" if shipped else str(out / f"demo-{fam}")
-        # two distillations (configs/distill/demo-<fam>.yaml, then STAGE2[fam] from its LoRA): w in [2, 6.5], then
-        # a fixed low w, 2 for sd and 0.5 for xl (issue 13: the student's FD-demo follows the guidance it is
-        # distilled at); sd's stage 2 trains the whole UNet and ships its SVD extract
-        stage2 = work / f"lcm-run-{fam}-stage2"
-        for config, dst, init in ((f"demo-{fam}", run, []),
-                                  (STAGE2[fam], stage2, ["--init-lora", str(run / "lcm-lora.safetensors")])):
+        # the distillations in order, each from the LoRA before it (configs/distill/demo-<fam>.yaml, then
+        # LATER_STAGES[fam]): w in [2, 6.5], then a fixed low w, 2 for sd and 0.5 for xl (issue 13: the student's
+        # FD-demo follows the guidance it is distilled at); sd's stage 2 trains the whole UNet and ships its SVD
+        # extract
+        prev, last = None, run
+        for i, config in enumerate([f"demo-{fam}", *LATER_STAGES[fam]]):
+            last = run if i == 0 else work / f"lcm-run-{fam}-stage{i + 1}"
+            init = ["--init-lora", str(prev / "lcm-lora.safetensors")] if prev else []
             subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config",
-                            str(REPO / f"configs/distill/{config}.yaml"), "--model", teacher, "--out", str(dst),
+                            str(REPO / f"configs/distill/{config}.yaml"), "--model", teacher, "--out", str(last),
                             "--set", f"device={dev}", *init]
                            + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
-        shutil.copy(stage2 / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
+            prev = last
+        shutil.copy(last / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
         for art in ("loss", "validation"):  # the curve and the LCM 1/2/4/8-step grid ship beside the LoRA
-            if (stage2 / f"{art}.png").exists():
-                shutil.copy(stage2 / f"{art}.png", out / f"lcm-lora-demo-{fam}.{art}.png")
+            if (last / f"{art}.png").exists():
+                shutil.copy(last / f"{art}.png", out / f"lcm-lora-demo-{fam}.{art}.png")
 
 
 def main(argv=None):

@@ -399,14 +399,14 @@ def test_later_stage_configs_continue_stage_1_and_made_the_shipped_lora(fam):
     from lcmtool.options import DistillConfig
 
     last = demo_models.LATER_STAGES[fam][-1]
-    resolved = DistillConfig(**cfg(last))  # keys the YAML leaves out take their defaults (seed)
+    resolved, defaults = DistillConfig(**cfg(last)), DistillConfig()  # keys the YAML leaves out: defaults (seed)
     for key in ("w_min", "w_max", "lr", "max_steps", "warmup_steps", "batch_size", "grad_accum", "num_ddim_timesteps",
                 "loss", "huber_c", "ema_decay", "lr_schedule", "seed", "model", "num_samples", "uncond", "lora_rank",
                 "extract_rank", "extract_conv_rank", "extract_fro", "extract_budget_mb", "extract_calibrate",
                 "teacher_data", "teacher_steps", "teacher_samples", "target_modules"):
         # a file made before a key existed ran at its default (the XL stage-2 file predates the extract_* keys
         # after extract_rank, the SD file the teacher_* keys)
-        assert made.get(key, getattr(DistillConfig(), key)) == getattr(resolved, key), key
+        assert made.get(key, getattr(defaults, key)) == getattr(resolved, key), key
     # stage 1 = the LoRA shipped until 2026-12-01 (in git at 3297757 for sd), kept as stage1-<fam>.safetensors; the
     # stage after it started from the file the stage before made, kept as stage<k>-<fam>.safetensors
     assert made["init_lora"] == f"stage{len(demo_models.LATER_STAGES[fam])}-{fam}.safetensors"

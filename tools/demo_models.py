@@ -363,15 +363,15 @@ def run_stage(st: str, a, out: Path, work: Path, dev: str) -> None:
         # LATER_STAGES[fam]): w in [2, 6.5], then a fixed low w, 2 for sd and 0.5 for xl (issue 13: the student's
         # FD-demo follows the guidance it is distilled at); sd's stage 2 trains the whole UNet and ships its SVD
         # extract
-        prev, last = None, run
+        last = None  # the run folder of the stage before
         for i, config in enumerate([f"demo-{fam}", *LATER_STAGES[fam]]):
-            last = run if i == 0 else work / f"lcm-run-{fam}-stage{i + 1}"
-            init = ["--init-lora", str(prev / "lcm-lora.safetensors")] if prev else []
+            dst = run if i == 0 else work / f"lcm-run-{fam}-stage{i + 1}"
+            init = ["--init-lora", str(last / "lcm-lora.safetensors")] if last else []
             subprocess.run([sys.executable, "-m", "lcmtool", "distill", "--config",
-                            str(REPO / f"configs/distill/{config}.yaml"), "--model", teacher, "--out", str(last),
+                            str(REPO / f"configs/distill/{config}.yaml"), "--model", teacher, "--out", str(dst),
                             "--set", f"device={dev}", *init]
                            + (["--set", f"max_steps={a.distill_steps}"] if a.distill_steps else []), check=True)
-            prev = last
+            last = dst
         shutil.copy(last / "lcm-lora.safetensors", out / f"lcm-lora-demo-{fam}.safetensors")
         for art in ("loss", "validation"):  # the curve and the LCM 1/2/4/8-step grid ship beside the LoRA
             if (last / f"{art}.png").exists():

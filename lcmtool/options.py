@@ -189,6 +189,9 @@ class DistillConfig:
     eval_prompts: str = opt("", "Held-out prompts file, one a line (default: the demo's held-out prompts on demo "
                                 "models, else validation_prompts).")
     eval_images: int = opt(80, min=2, max=100000)  # images per eval call (prompts cycled, seed validation_seed + i)
+    scale_search: list[float] = opt([], "After training: score tau_LCM at these weights (e.g. 0.6,0.7,0.8,0.9,1) "
+                                        "with the held-out hook and write the best into the file. Needs eval_every "
+                                        "and the demo evaluator.", min=0.01, max=4)
     # metrics.jsonl always; TensorBoard (accelerate's tracker, <out>/tensorboard) when installed (auto) or required
     report_to: Literal["auto", "tensorboard", "none"] = opt("auto")
     format: Literal["kohya", "kohya-sgm", "kohya-diffusers", "diffusers", "peft"] = opt(

@@ -382,7 +382,7 @@ def test_later_stage_configs_continue_stage_1_and_made_the_shipped_lora(fam):
     cfg = lambda name: yaml.safe_load((root / f"configs/distill/{name}.yaml").read_text())  # noqa: E731
     one, two = cfg(f"demo-{fam}"), cfg(f"demo-{fam}-refine")
     stage2 = {"name", "w_min", "w_max", "lr", "max_steps", "warmup_steps", "checkpoint_every", "validate_every",
-              "eval_every", "init_lora"}
+              "eval_every", "init_lora", "scale_search"}
     assert {k: v for k, v in one.items() if k not in stage2} == {k: v for k, v in two.items() if k not in stage2}
     assert two["init_lora"] == f"runs/{one['name']}/lcm-lora.safetensors" and "init_lora" not in one
     assert two["w_min"] == two["w_max"] == {"sd": 2.0, "xl": 0.5}[fam] and two["lr"] < one["lr"]  # fixed, low w
@@ -395,7 +395,8 @@ def test_later_stage_configs_continue_stage_1_and_made_the_shipped_lora(fam):
         assert three["init_lora"] == f"runs/{two['name']}/lcm-lora.safetensors"
         assert three["w_min"] == three["w_max"] == three["teacher_data"] - 1 == 2.0  # the samples' CFG is 1 + w
         assert three["batch_size"] * three["grad_accum"] * three["max_steps"] == two["batch_size"] * two["max_steps"]
-    made = json.loads(load_lora(root / f"lcmtool/demo/assets/lcm-lora-demo-{fam}.safetensors").metadata["config"])
+    shipped = load_lora(root / f"lcmtool/demo/assets/lcm-lora-demo-{fam}.safetensors").metadata
+    made = json.loads(shipped["config"])
     from lcmtool.options import DistillConfig
 
     last = demo_models.LATER_STAGES[fam][-1]
@@ -403,13 +404,17 @@ def test_later_stage_configs_continue_stage_1_and_made_the_shipped_lora(fam):
     for key in ("w_min", "w_max", "lr", "max_steps", "warmup_steps", "batch_size", "grad_accum", "num_ddim_timesteps",
                 "loss", "huber_c", "ema_decay", "lr_schedule", "seed", "model", "num_samples", "uncond", "lora_rank",
                 "extract_rank", "extract_conv_rank", "extract_fro", "extract_budget_mb", "extract_calibrate",
-                "teacher_data", "teacher_steps", "teacher_samples", "target_modules"):
+                "teacher_data", "teacher_steps", "teacher_samples", "target_modules", "scale_search"):
         # a file made before a key existed ran at its default (the XL stage-2 file predates the extract_* keys
         # after extract_rank, the SD file the teacher_* keys)
         assert made.get(key, getattr(defaults, key)) == getattr(resolved, key), key
     # stage 1 = the LoRA shipped until 2026-12-01 (in git at 3297757 for sd), kept as stage1-<fam>.safetensors; the
     # stage after it started from the file the stage before made, kept as stage<k>-<fam>.safetensors
     assert made["init_lora"] == f"stage{len(demo_models.LATER_STAGES[fam])}-{fam}.safetensors"
+    # the last stage's scale search picked the weight written into the file: the lowest of its held-out scores
+    search = json.loads(shipped["lcm_scale_search"])
+    assert [r["scale"] for r in search] == resolved.scale_search
+    assert float(shipped["lcm_scale"]) == distill_eval.pick_scale(search) != 1.0
 
 
 @pytest.mark.parametrize("fam", ["sd", "xl"])
@@ -426,7 +431,8 @@ def test_ceiling_config_is_stage_2_with_the_whole_unet_trainable(fam):
     two = yaml.safe_load((root / f"configs/distill/demo-{fam}-refine.yaml").read_text())
     ceiling = yaml.safe_load((root / f"configs/distill/demo-{fam}-ceiling.yaml").read_text())
     lora_keys = {"name", "lora_rank", "lora_alpha", "conv_rank", "extract_rank", "extract_fro", "extract_budget_mb",
-                 "extract_calibrate", "lr", "target_modules"}
+                 "extract_calibrate", "lr", "target_modules", "scale_search"}  # scale_search: the shipped stages'
+                                                                                 # weight search
     assert {k: v for k, v in two.items() if k not in lora_keys} == {k: v for k, v in ceiling.items()
                                                                         if k not in lora_keys}
     assert ceiling["lora_rank"] == 0 and ceiling["extract_rank"] == 32 and ceiling["lr"] < two["lr"]
@@ -437,3 +443,36 @@ def test_ceiling_config_is_stage_2_with_the_whole_unet_trainable(fam):
     assert (ceiling.get("extract_budget_mb", 0), ceiling.get("extract_calibrate", 0)) == {"sd": (2.45, 64),
                                                                                           "xl": (0, 0)}[fam]
     assert "extract_fro" not in ceiling
+
+
+def test_pick_scale_takes_the_lowest_finite_score():
+    rows = [{"scale": 1.0, "eval_lcm4_fd": 30.0}, {"scale": 0.8, "eval_lcm4_fd": 22.0},
+            {"scale": 0.6, "eval_lcm4_fd": float("nan")}, {"scale": 0.7, "eval_lcm4_fd": 22.0}]
+    assert distill_eval.pick_scale(rows) == 0.8  # the first of equal scores
+    assert distill_eval.pick_scale([{"scale": 0.5}, {"scale": 0.7, "eval_lcm4_fd": float("inf")}]) == 1.0
+
+
+def test_scale_search_scores_each_weight_and_writes_the_best(teachers, cache, tmp_path, monkeypatch):
+    """scale_search on a finished run: every weight scored by the hook on teacher + s * the written file (the
+    teacher's weights put back after each: weight 1.0 scored twice gives the same numbers, and at 1.0 the file
+    scores as the hook scored the student); the file is rewritten with delta = the picked weight * the trained one
+    and says so in its metadata."""
+    picked = []
+    real_pick = distill_eval.pick_scale
+    monkeypatch.setattr(distill_eval, "pick_scale", lambda rows: picked.append(real_pick(rows)) or 0.5)
+    s = distill(cfg_for(teachers, cache, tmp_path, init_lora=str(SHIPPED_SD), max_steps=1, lr=1e-6,
+                        eval_every=1, eval_images=8, save_dtype="fp32", scale_search=[1.0, 0.5, 1.0]))
+    rows = s["scale_search"]
+    assert [r["scale"] for r in rows] == [1.0, 0.5, 1.0] and s["scale"] == 0.5
+    assert rows[0] == {**rows[2], "eval_s": rows[0]["eval_s"]}  # put back exactly
+    for k in ("eval_lcm4_fd", "eval_lcm2_fd"):
+        assert math.isfinite(rows[1][k]) and rows[1][k] != rows[0][k]
+        assert rows[0][k] == pytest.approx(s[k], rel=1e-3, abs=1e-3)  # fused file = the peft student
+    assert picked == [real_pick(rows)]
+    assert [r for r in records(tmp_path) if "scale_search" in r][0]["scale"] == 0.5
+    out, trained = load_lora(s["lora"]), load_lora(tmp_path / "lcm-lora-best.safetensors")  # same step, unscaled
+    assert set(out.modules) == set(trained.modules)
+    for name, m in trained.modules.items():
+        assert torch.allclose(out.modules[name].delta(), 0.5 * m.delta(), atol=1e-7, rtol=1e-6), name
+    assert out.metadata["lcm_scale"] == "0.5" and (tmp_path / "validation.png").is_file()
+    assert [r["scale"] for r in json.loads(out.metadata["lcm_scale_search"])] == [1.0, 0.5, 1.0]

@@ -9,8 +9,9 @@ shipped run, README); on our 2-core CPU the VAE and teachers are far too slow (s
 The distillation of the demo LCM-LoRAs is `lcmtool distill --config configs/distill/demo-<fam>.yaml` and then
 the LATER_STAGES, each from the LoRA before it: for demo-sd demo-sd-ceiling.yaml, full LCD of the whole UNet whose
 change ships as an activation-calibrated SVD LoRA of ranks <= 32 in 2.45 MB; for demo-xl demo-xl-refine.yaml, a
-LoRA at a fixed low w. They run on the teachers written here (the `lcm` stage runs them all; on the 2-core CPU the
-first takes 28-41 minutes alone, each later one ~15-27).
+LoRA at a fixed low w; both end in a weight search on the held-out hook (`scale_search`), which writes the best
+weight of tau_LCM into the file. They run on the teachers written here (the `lcm` stage runs them all; on the
+2-core CPU the first takes 28-41 minutes alone, each later one ~15-27).
 """
 from __future__ import annotations
 

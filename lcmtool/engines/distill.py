@@ -12,6 +12,7 @@ Runs on one device, or data-parallel with `accelerate launch -m lcmtool distill 
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,7 @@ def check_config(cfg: DistillConfig) -> Path:
         raise LcmError(f"--init-lora {cfg.init_lora}: file not found")
     if cfg.eval_prompts:
         distill_eval.read_prompts(cfg.eval_prompts)
+    distill_eval.check_scale_search(cfg)
     return Path(cfg.out or Path("runs") / cfg.name)
 
 
@@ -277,13 +279,14 @@ def save_checkpoint(run: Run, state: TrainState, reason: str, name: str | None =
                               state.last_good)
 
 
-def validate(run: Run, path: Path) -> None:
-    """The validation grid (main process): LCM at validation_steps, sampled as `lcmtool sample` samples."""
+def validate(run: Run, path: Path, unet=None) -> None:
+    """The validation grid (main process): LCM at validation_steps, sampled as `lcmtool sample` samples, of the
+    student (or `unet`)."""
     from lcmtool.distill.validate import validation_grid
 
     cfg = run.cfg
-    validation_grid(run.pipe, run.raw_unet, cfg.validation_prompts, cfg.validation_steps, cfg.validation_seed, path,
-                    run.accelerator.device, run.accelerator.autocast, cfg.timestep_scaling)
+    validation_grid(run.pipe, unet or run.raw_unet, cfg.validation_prompts, cfg.validation_steps, cfg.validation_seed,
+                    path, run.accelerator.device, run.accelerator.autocast, cfg.timestep_scaling)
 
 
 def after_step(run: Run, state: TrainState, stop: StopRequest) -> None:
@@ -419,7 +422,20 @@ def finish(run: Run, state: TrainState, elapsed: float) -> dict:
                "world_size": run.world, "rank_checksums": rank_sums, "cache": str(run.cache_root), **scores}
     if run.main:
         lora_path = save_lora(run, state, "lcm-lora.safetensors")
-        validate(run, out / "validation.png")
+        if cfg.scale_search and lora_path:
+            scale, rows = distill_eval.scale_search(run, lora_path)
+            distill_eval.write_scaled(lora_path, scale, rows, cfg.format, run.family, torch_dtype(cfg.save_dtype))
+            run.metrics.write(json.dumps({"step": state.step, "scale_search": rows, "scale": scale}) + "\n")
+            run.metrics.flush()
+            summary.update(scale=scale, scale_search=rows)
+            run.log(f"scale search: {cfg.scale_search} -> {scale:g} (written into {lora_path.name})")
+            from lcmtool.lora.io import load_lora
+
+            # the grid of the file as written (at its picked weight), not of the student
+            with distill_eval.file_on_teacher(run, load_lora(lora_path, run.family), 1.0) as unet:
+                validate(run, out / "validation.png", unet)
+        else:
+            validate(run, out / "validation.png")
         loss_curve_png(state.losses, out / "loss.png", f"LCD loss ({cfg.model}, {state.step} steps)", state.evals,
                        f"held-out FD-demo, LCM 4 steps ({distill_eval.SELECT})")
         if lora_path:

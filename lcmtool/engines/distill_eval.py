@@ -3,9 +3,12 @@ prompt set at LCM 2 and 4 steps (guidance 1, as `lcmtool sample`), and on demo m
 it (FD-demo and attribute accuracies, lcmtool.demo.metrics, the scorer of `lcmtool eval`); the scores go to
 metrics.jsonl (`eval_lcm4_fd`, ...), TensorBoard and loss.png, and the run keeps `checkpoints/best/` (with
 `lcm-lora-best.safetensors`) by the lowest `eval_lcm4_fd`. Other models get a grid of the prompts per call.
+With `scale_search` the finished run also scores its tau_LCM file at several weights and writes the best one
+into the file (the paper's lambda for the acceleration vector, eq. 3, chosen on held-out prompts).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -139,6 +142,80 @@ def evaluate(run, state, save_checkpoint, save_best_lora) -> dict:
         if run.main:
             save_best_lora(run, state)
     return {**scores, "eval_s": seconds}
+
+
+def check_scale_search(cfg) -> None:
+    """scale_search needs the scored hook (eval_every on a demo model or demo data) and a LoRA file to scale."""
+    if not cfg.scale_search:
+        return
+    if not cfg.eval_every:
+        raise LcmError("scale_search picks the weight by the held-out hook's score: set eval_every too")
+    if not is_demo(cfg):
+        raise LcmError("scale_search picks the weight by FD-demo, which only the demo evaluator gives (a demo model "
+                       "or demo data); on other models compare weights with `lcmtool compare --lora FILE:W`")
+    if not cfg.lora_rank and not cfg.extract_rank:
+        raise LcmError("scale_search scales the LoRA file: full LCD (lora_rank 0) writes one only with extract_rank")
+
+
+def pick_scale(rows: list[dict]) -> float:
+    """The weight of the lowest finite SELECT score (the first of equal ones); 1.0 when none is finite."""
+    best, score = 1.0, None
+    for r in rows:
+        if is_better(r.get(SELECT), score):
+            best, score = r["scale"], r[SELECT]
+    return best
+
+
+@contextlib.contextmanager
+def file_on_teacher(run, lora, scale: float):
+    """The teacher UNet with `scale` * the LoRA file `lora`'s delta fused in (W + s * dW, the file's own factors):
+    full LCD's frozen teacher copy, or a LoRA run's student with its LoRA off. Its weights are put back exactly on
+    exit. Main process only."""
+    from lcmtool.distill.student import adapters_off
+    from lcmtool.lora.fuse import find_submodule, fuse_into_unet
+
+    full = not run.cfg.lora_rank
+    base = run.teacher if full else run.raw_unet
+    weights = [find_submodule(base, p).weight for p in lora.modules]
+    kept = [w.detach().clone() for w in weights]
+    with contextlib.nullcontext() if full else adapters_off(base):
+        try:
+            fuse_into_unet(base, [(lora, scale)])
+            yield base
+        finally:
+            for w, k in zip(weights, kept, strict=True):
+                w.data.copy_(k)
+
+
+def scale_search(run, path: Path) -> tuple[float, list[dict]]:
+    """tau_LCM as written at `path`, on the teacher at each weight of cfg.scale_search (file_on_teacher), scored by
+    the held-out hook (same prompts and seeds). -> (the best weight by SELECT, one row of scores per weight)."""
+    from lcmtool.lora.io import load_lora
+
+    lora = load_lora(path, run.family)
+    rows = []
+    for s in run.cfg.scale_search:
+        t0 = time.time()
+        with file_on_teacher(run, lora, s) as unet:
+            scores = run.evaluator(run.pipe, unet, run.accelerator.device, run.accelerator.autocast,
+                                   run.out / "validation" / f"scale-{s:g}.png", run.cfg.timestep_scaling)
+        rows.append({"scale": s, **scores, "eval_s": time.time() - t0})
+        run.log(f"scale {s:g}: {SELECT} {scores.get(SELECT, float('nan')):.2f}")
+    return pick_scale(rows), rows
+
+
+def write_scaled(path: Path, scale: float, rows: list[dict], fmt: str, family: str, dtype) -> None:
+    """Rewrite the LoRA file at `path` with every up factor times `scale` (delta = scale * the trained one) and the
+    search recorded in its metadata (`lcm_scale`, `lcm_scale_search`); atomic, as every LoRA write."""
+    from lcmtool.lora.io import load_lora, save_lora
+
+    lora = load_lora(path, family)
+    for m in lora.modules.values():
+        m.B = m.B.float() * scale
+    meta = {**lora.metadata, "lcm_scale": f"{scale:g}",
+            "lcm_scale_search": json.dumps([{k: r[k] for k in ("scale", SELECT, "eval_lcm2_fd") if k in r}
+                                            for r in rows])}
+    save_lora(lora, path, format=fmt, family=family, metadata=meta, dtype=dtype)
 
 
 def restore(run, state, records: list[dict]) -> None:
